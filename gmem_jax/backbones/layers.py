@@ -1,0 +1,121 @@
+"""Transformer building blocks as Flax Linen modules: norms, RoPE, attention with a KV cache, MLPs, one block.
+
+One parameterised block serves GPT-2 (LayerNorm, learned positions, gelu_new, biases) and Llama (RMSNorm,
+RoPE, grouped-query attention, SwiGLU). Shapes: B batch, T new tokens, S cache length, D hidden, H query heads,
+K key/value heads, G = H // K, E head dim.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gmem_jax.backbones.config import BackboneConfig, rope_inv_freq
+
+# A large finite negative instead of -inf: a fully masked row (a left-padding query) stays finite.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32 as transformers does."""
+
+    kind: str
+    eps: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):  # [..., D] -> [..., D]
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+            mean = x32.mean(-1, keepdims=True)
+            var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+            return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        # RMSNorm: transformers casts back to the input dtype *before* the weight multiply.
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (the Hugging Face layout). x: [B, T, heads, E]; positions: [B, T]; inv_freq: [E/2]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, E]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _dense(features, use_bias, cfg, name):
+    return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                    kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class Attention(nn.Module):
+    """Causal multi-head / grouped-query attention with an optional preallocated KV cache."""
+
+    cfg: BackboneConfig
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, cache=None, cache_index=0):
+        """x: [B, T, D]; positions: [B, T] (RoPE / unused for GPT-2); kv_mask: [B, S] True where a key is a
+        real token (S = T without a cache); cache: {'k','v': [B, S, K, E]} or None; cache_index: where the T new
+        tokens go in the cache. Returns ([B, T, D], new cache or None)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(H * E, cfg.attention_bias, cfg, "q")(x).reshape(B, T, H, E)
+        k = _dense(K * E, cfg.attention_bias, cfg, "k")(x).reshape(B, T, K, E)
+        v = _dense(K * E, cfg.attention_bias, cfg, "v")(x).reshape(B, T, K, E)
+        if cfg.uses_rope:
+            inv_freq = rope_inv_freq(cfg)  # a trace-time constant
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            cache = {"k": k, "v": v}
+        S = k.shape[1]
+        q_index = cache_index + jnp.arange(T)  # sequence index of each new token
+        allowed = (jnp.arange(S)[None, :] <= q_index[:, None])[None] & kv_mask[:, None, :].astype(bool)  # [B,T,S]
+        q = q.reshape(B, T, K, H // K, E)
+        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(E)
+        scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.dtype)).reshape(B, T, H * E)
+        return _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o")(out), cache
+
+
+class MLP(nn.Module):
+    """GPT-2: proj(gelu_tanh(fc(x))). Llama: down(silu(gate(x)) * up(x))."""
+
+    cfg: BackboneConfig
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        cfg = self.cfg
+        F, b = cfg.intermediate_size, cfg.mlp_bias
+        if cfg.arch == "gpt2":
+            return _dense(cfg.hidden_size, b, cfg, "proj")(jax.nn.gelu(_dense(F, b, cfg, "fc")(x), approximate=True))
+        return _dense(cfg.hidden_size, b, cfg, "down")(
+            jax.nn.silu(_dense(F, b, cfg, "gate")(x)) * _dense(F, b, cfg, "up")(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: BackboneConfig
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, cache=None, cache_index=0):
+        cfg = self.cfg
+        norm = lambda name: Norm(cfg.norm_kind, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        a, cache = Attention(cfg, name="attn")(norm("attn_norm")(x), positions, kv_mask, cache,
+                                                               cache_index)
+        x = x + a
+        x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+        return x, cache
