@@ -8,12 +8,14 @@ Parameter tree (layers stacked on a leading axis of size num_layers, scanned wit
      'final_norm': {'scale': [D], 'bias': [D]},   # bias: GPT-2 only
      'lm_head': {'kernel': [D, V]}}               # untied heads only
 
-The layer stack is a `lax.scan` over a Linen `Block` applied to one layer's slice of the tree, rather than a
-Linen `nn.scan`, because the memory must hook into the residual stream *between* two chosen layers
-(`layer_hook`) and after the final norm (`final_hook`) without re-slicing (copying) the frozen weights.
+The layer stack is a `lax.scan` over layer indices applying a Linen `Block` to one layer's slice of the tree,
+rather than a Linen `nn.scan`, because the memory must run the stack in two parts (up to a chosen layer, then
+the rest) and hook into the residual stream between them (`layer_hook`) or after the final norm
+(`final_hook`) without slicing (copying) the frozen weights.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -84,6 +86,48 @@ def lm_logits(params: dict, hidden: jax.Array, cfg: BackboneConfig) -> jax.Array
     return out.astype(jnp.float32)
 
 
+def run_layers(
+    params: dict,
+    h: jax.Array,
+    cfg: BackboneConfig,
+    start: int,
+    end: int,
+    *,
+    positions: jax.Array,
+    kv_mask: jax.Array,
+    cache: Optional[dict] = None,
+    cache_index: jax.Array | int = 0,
+) -> tuple[jax.Array, Optional[dict]]:
+    """Blocks start..end-1 over the residual stream h [B, T, D]; returns (h, cache).
+
+    The scan runs over layer *indices* and reads each layer's slice of the stacked params (and cache) with a
+    dynamic index, so running a sub-range never copies the frozen weights, and the cache stays in the carry where
+    XLA updates it in place.
+    """
+    if start >= end:
+        return h, cache
+
+    def body(carry, i):
+        h, cache = carry
+        layer = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), params["layers"])
+        layer_cache = None if cache is None else jax.tree.map(
+            lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), cache)
+        h, new_layer_cache = Block(cfg).apply({"params": layer}, h, positions, kv_mask, layer_cache, cache_index)
+        if cache is not None:
+            cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0), cache, new_layer_cache)
+        return (h, cache), None
+
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy], prevent_cse=False)
+    (h, cache), _ = jax.lax.scan(body, (h, cache), jnp.arange(start, end))
+    return h, cache
+
+
+def final_norm(params: dict, h: jax.Array, cfg: BackboneConfig) -> jax.Array:
+    """The final LayerNorm/RMSNorm: [B, T, D] -> [B, T, D]."""
+    return Norm(cfg.norm_kind, cfg.norm_eps, cfg.dtype, cfg.param_dtype).apply({"params": params["final_norm"]}, h)
+
+
 def forward(
     params: dict,
     tokens: jax.Array,
@@ -104,40 +148,31 @@ def forward(
     key slot holds a real token (S = T without a cache, else the cache length; default all True);
     cache / cache_index: a preallocated KV cache and where the T new tokens are written.
     layer_hook is applied to the residual stream entering block `hook_layer` (0 <= hook_layer < L);
-    final_hook to the final-norm output before the LM head.
+    final_hook to the final-norm output before the LM head. Hooks return (h', aux); aux comes back in the output.
     """
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
     if kv_mask is None:
         kv_mask = jnp.ones((B, T if cache is None else cache["k"].shape[2]), bool)
+    run = functools.partial(run_layers, params, cfg=cfg, positions=positions, kv_mask=kv_mask,
+                            cache_index=cache_index)
     h = embed(params, tokens, positions, cfg)
-    layer_aux = None
+    layer_aux = final_aux = None
+    split = cfg.num_layers
     if layer_hook is not None:
         if not 0 <= hook_layer < cfg.num_layers:
             raise ValueError(f"hook_layer={hook_layer} outside [0, {cfg.num_layers})")
-        if hook_layer == 0:
-            h, layer_aux = layer_hook(h)
-        else:  # placeholder aux with the right structure; the real one is produced inside the scan
-            layer_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(layer_hook, h)[1])
-
-    def body(carry, xs):
-        h, aux = carry
-        layer_params, layer_cache, i = xs
-        h, new_cache = Block(cfg).apply({"params": layer_params}, h, positions, kv_mask, layer_cache, cache_index)
-        if layer_hook is not None and hook_layer > 0:
-            h, aux = jax.lax.cond(i + 1 == hook_layer, lambda h, a: layer_hook(h), lambda h, a: (h, a), h, aux)
-        return (h, aux), new_cache
-
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy], prevent_cse=False)
-    (h, layer_aux), new_cache = jax.lax.scan(body, (h, layer_aux), (params["layers"], cache, jnp.arange(cfg.num_layers)))
-    h = Norm(cfg.norm_kind, cfg.norm_eps, cfg.dtype, cfg.param_dtype).apply({"params": params["final_norm"]}, h)
-    final_aux = None
+        split = hook_layer
+    h, cache = run(h, start=0, end=split, cache=cache)
+    if layer_hook is not None:
+        h, layer_aux = layer_hook(h)
+        h, cache = run(h, start=split, end=cfg.num_layers, cache=cache)
+    h = final_norm(params, h, cfg)
     if final_hook is not None:
         h, final_aux = final_hook(h)
     logits = lm_logits(params, h, cfg) if compute_logits else None
-    return BackboneOutput(logits, h, new_cache if cache is not None else None, layer_aux, final_aux)
+    return BackboneOutput(logits, h, cache, layer_aux, final_aux)
 
 
 def count_params(tree) -> int:
