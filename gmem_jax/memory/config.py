@@ -1,0 +1,81 @@
+"""MemoryConfig: every knob of the G-MemLLM latent memory in one frozen (hashable, jit-static) dataclass."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from gmem_jax.errors import GmemError
+
+GATES = ("update", "gru")
+INJECTIONS = ("final", "residual")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """The latent memory.
+
+    num_slots/mem_dim/num_heads: the slot bank [num_slots, mem_dim] and the write attention's heads.
+    gate: "update" (the author's form: Mem' = g*A + (1-g)*Mem) or "gru" (update + reset gates + tanh candidate).
+    gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
+    injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
+      LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
+      (g is a per-channel gate initialised at 0) so the remaining frozen layers process what was retrieved.
+    read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
+    importance_in_read: the per-slot importance score s multiplies each slot's read weight (log s is added to the
+      read logits), so the sparsity/entropy regularisers on s shape what is retrieved instead of only themselves.
+    bptt_depth: gradients flow through the memory across at most this many segments (0 = all).
+    remat: recompute each segment's activations in the backward pass (activation memory flat in #segments).
+    loss_positions: if > 0, logits are computed only at this many positions per segment (those with loss), so a
+      QA task never materialises [seq, vocab] logits it does not use. 0 = all positions.
+    sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
+    sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
+    """
+
+    num_slots: int = 1024
+    mem_dim: int = 512
+    num_heads: int = 8
+    gate: str = "update"
+    gate_bias: float = -1.0
+    injection: str = "final"
+    read_layer: int = 0
+    importance_in_read: bool = True
+    bptt_depth: int = 0
+    remat: bool = True
+    loss_positions: int = 0
+    sparsity_weight: float = 0.01
+    entropy_weight: float = 0.001
+    sp_head: bool = False
+    sp_weight: float = 1.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.gate not in GATES:
+            raise GmemError(f"memory gate {self.gate!r} unknown; choose one of {GATES}")
+        if self.injection not in INJECTIONS:
+            raise GmemError(f"memory injection {self.injection!r} unknown; choose one of {INJECTIONS}")
+        if self.mem_dim % self.num_heads:
+            raise GmemError(f"memory mem_dim={self.mem_dim} is not divisible by num_heads={self.num_heads}")
+        if self.num_slots < 1 or self.bptt_depth < 0 or self.loss_positions < 0:
+            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions >= 0")
+
+    def check_backbone(self, num_layers: int) -> None:
+        if self.injection == "residual" and not 0 <= self.read_layer < num_layers:
+            raise GmemError(f"memory read_layer={self.read_layer} is outside the backbone's 0..{num_layers - 1}")
+
+    def replace(self, **kw) -> "MemoryConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "MemoryConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise GmemError(f"unknown memory config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**d, **overrides})
+
+
+def read_layer_of(mcfg: MemoryConfig) -> Optional[int]:
+    return mcfg.read_layer if mcfg.injection == "residual" else None

@@ -1,0 +1,196 @@
+"""The segment loop: extract -> retrieve -> inject -> (task loss) -> consolidate, scanned over segments.
+
+A document arrives as `n_seg` segments of `seg_len` tokens ([B, N, T]). For segment k the frozen backbone runs
+on segment k alone; the memory read inside it sees `state_{k-1}`, which holds segments < k only, so no token
+ever sees its own or a later segment through memory (causality). After the segment's loss, its hidden states
+are written into the memory. Every example has its own memory ([B, S, M]), started from the learned slot bank
+and reset wherever `reset[b, k]` is set, so nothing leaks between examples or documents.
+
+Activation memory: each segment is rematerialised in the backward pass, keeping only the hidden states the
+memory extracted (named "memory_extract") so the frozen layers below the memory never run twice.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from gmem_jax import losses
+from gmem_jax.backbones import model as backbone
+from gmem_jax.backbones.config import BackboneConfig
+from gmem_jax.memory.config import MemoryConfig
+from gmem_jax.memory.modules import GMemory
+
+EXTRACT_NAME = "memory_extract"
+
+
+class SegmentOutputs(NamedTuple):
+    loss: jax.Array  # scalar: the composite objective
+    metrics: dict  # scalars: loss, ce, sparsity, entropy, sp_bce, accuracy, tokens, gate_open
+    state: jax.Array  # [B, S, M] memory after the last segment
+    per_example: dict  # nll_sum, tokens, correct: [B] each (teacher-forced, over loss positions)
+    segment_nll: jax.Array  # [B, N] summed NLL of each segment's loss positions
+    predictions: jax.Array  # [B, N, K] argmax token at each loss position (K = T or loss_positions)
+    positions: jax.Array  # [B, N, K] which position of each segment the predictions belong to
+    sp_logits: Optional[jax.Array]  # [B, N, max_sents] supporting-fact logits (sp_head only)
+    slot_usage: jax.Array  # [S] mean read weight per slot
+    gate_mean: jax.Array  # [S] mean update-gate openness per slot
+
+
+def memory_module(cfg: BackboneConfig, mcfg: MemoryConfig) -> GMemory:
+    return GMemory(mcfg, cfg.hidden_size)
+
+
+def init_memory(rng: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig) -> dict:
+    """Fresh memory params (the only trainable tree)."""
+    mcfg.check_backbone(cfg.num_layers)
+    h = jnp.zeros((1, 2, cfg.hidden_size), jnp.float32)
+    return memory_module(cfg, mcfg).init(rng, h, jnp.ones((1, 2), bool))["params"]
+
+
+def _call(mem_params, cfg, mcfg, method, *args, **kw):
+    return memory_module(cfg, mcfg).apply({"params": mem_params}, *args, method=method, **kw)
+
+
+def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, batch: int) -> jax.Array:
+    """An empty memory for `batch` documents: [B, S, M] copies of the learned slot bank."""
+    return _call(mem_params, cfg, mcfg, GMemory.initial_state, batch)
+
+
+def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig) -> dict:
+    """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
+    result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S])."""
+
+    def hook(h):
+        h = checkpoint_name(h, EXTRACT_NAME)
+        r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h)
+        return _call(mem_params, cfg, mcfg, GMemory.inject, h, r), (h, alpha)
+
+    if mcfg.injection == "final":
+        return {"final_hook": hook}
+    return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
+
+
+def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
+    """Indices [B, K] of the positions with loss first (stable), so logits are computed only where needed."""
+    order = jnp.argsort(-loss_mask, axis=-1, stable=True)
+    return order[:, :k] if k else order
+
+
+def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean hidden state over the prompt of a (last) segment: real tokens before the first answer target.
+    h [B, T, H] -> [B, H]."""
+    before_answer = (jnp.cumsum(loss_mask, -1) - loss_mask) == 0
+    w = (token_mask & before_answer).astype(jnp.float32)
+    return (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+
+
+def forward_segments(
+    mem_params: dict,
+    frozen: dict,
+    batch: dict,
+    cfg: BackboneConfig,
+    mcfg: MemoryConfig,
+    *,
+    use_memory: bool = True,
+    gate_override: Optional[float] = None,
+    state: Optional[jax.Array] = None,
+) -> SegmentOutputs:
+    """Run a batch of segmented documents through the frozen backbone with memory.
+
+    batch: tokens, labels [B, N, T] int; token_mask [B, N, T] bool; loss_mask [B, N, T] float; optional
+    reset [B, N] bool (start a fresh memory before segment k), sent_pos/sent_mask/sent_label [B, N, Ms] (with
+    sp_head). use_memory=False is the ablation "same trainable modules, memory disabled": every segment reads the
+    initial slot bank and nothing is written, so each segment sees only itself.
+    """
+    tokens = batch["tokens"]
+    B, N, T = tokens.shape
+    init = initial_state(mem_params, cfg, mcfg, B)
+    state0 = init if state is None else state
+    reset = batch.get("reset", jnp.zeros((B, N), bool))
+    K = min(mcfg.loss_positions, T) if mcfg.loss_positions else T
+    sp = mcfg.sp_head and "sent_pos" in batch
+
+    def seg_step(state, xs):
+        k, tok, msk, lab, lmask, rst, spos = xs
+        state = jnp.where(rst[:, None, None], init, state)
+        out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
+                               **memory_hooks(mem_params, state, cfg, mcfg))
+        h_ext, alpha = out.final_aux if mcfg.injection == "final" else out.layer_aux
+        pos = _loss_positions(lmask, K)  # [B, K]
+        take = lambda x: jnp.take_along_axis(x, pos, axis=1)
+        h_sel = jnp.take_along_axis(out.hidden, pos[..., None], axis=1)
+        nll, pred = losses.cross_entropy(backbone.lm_logits(frozen, h_sel, cfg), take(lab))
+        w = take(lmask).astype(jnp.float32)
+        correct = (pred == take(lab)).astype(jnp.float32) * w
+        if use_memory:
+            new_state, z = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override)
+            if mcfg.bptt_depth:
+                cut = (k + 1) % mcfg.bptt_depth == 0  # truncated BPTT: no gradient into older segments
+                new_state = jnp.where(cut, jax.lax.stop_gradient(new_state), new_state)
+        else:
+            new_state, z = state, jnp.zeros_like(state)
+        s = _call(mem_params, cfg, mcfg, GMemory.importance, new_state)
+        ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
+                  sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
+                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)))
+        if sp:
+            ys["sent_h"] = jnp.take_along_axis(out.hidden, spos[..., None], axis=1)  # [B, Ms, H]
+            ys["question"] = _question_vector(out.hidden, msk, lmask)
+        return new_state, ys
+
+    if mcfg.remat:
+        seg_step = jax.checkpoint(seg_step, prevent_cse=False,
+                                  policy=jax.checkpoint_policies.save_only_these_names(EXTRACT_NAME))
+    seg_major = lambda x: jnp.swapaxes(x, 0, 1)  # [B, N, ...] -> [N, B, ...] for the scan
+    spos = batch["sent_pos"] if sp else jnp.zeros((B, N, 1), jnp.int32)
+    xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
+                                          batch["loss_mask"].astype(jnp.float32), reset, spos)))
+    final_state, ys = jax.lax.scan(seg_step, state0, xs)
+
+    nll, ntok, correct = ys["nll"].sum(0), ys["tokens"].sum(0), ys["correct"].sum(0)  # [B]
+    total_tokens = jnp.maximum(ntok.sum(), 1.0)
+    ce = nll.sum() / total_tokens
+    sparsity, entropy = ys["sparsity"].mean(), ys["entropy"].mean()
+    loss = ce + mcfg.sparsity_weight * sparsity - mcfg.entropy_weight * entropy
+    metrics = dict(ce=ce, sparsity=sparsity, entropy=entropy, accuracy=correct.sum() / total_tokens,
+                   tokens=ntok.sum(), gate_open=ys["gate"].mean())
+    sp_logits = None
+    if sp:
+        Ms = spos.shape[-1]
+        sent_h = jnp.swapaxes(ys["sent_h"], 0, 1).reshape(B, N * Ms, -1)
+        sp_logits = _call(mem_params, cfg, mcfg, GMemory.sentence_scores, sent_h, ys["question"][-1]).reshape(B, N, Ms)
+        bce_sum, bce_n = losses.binary_cross_entropy(sp_logits, batch["sent_label"].astype(jnp.float32),
+                                                     batch["sent_mask"])
+        metrics["sp_bce"] = bce_sum / jnp.maximum(bce_n, 1.0)
+        loss = loss + mcfg.sp_weight * metrics["sp_bce"]
+    metrics["loss"] = loss
+    return SegmentOutputs(
+        loss=loss, metrics=metrics, state=final_state,
+        per_example=dict(nll_sum=nll, tokens=ntok, correct=correct),
+        segment_nll=jnp.swapaxes(ys["nll"], 0, 1), predictions=jnp.swapaxes(ys["pred"], 0, 1), positions=jnp.swapaxes(ys["pos"], 0, 1),
+        sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
+    )
+
+
+def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,
+                  mcfg: MemoryConfig, state: Optional[jax.Array] = None) -> jax.Array:
+    """Write context segments into memory without computing any loss: tokens/token_mask [B, N, T] -> [B, S, M]."""
+    B, N, T = tokens.shape
+    state = initial_state(mem_params, cfg, mcfg, B) if state is None else state
+
+    def seg_step(state, xs):
+        tok, msk = xs
+        out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
+                               **memory_hooks(mem_params, state, cfg, mcfg))
+        h_ext, _ = out.final_aux if mcfg.injection == "final" else out.layer_aux
+        return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk)[0], None
+
+    state, _ = jax.lax.scan(seg_step, state, (jnp.swapaxes(tokens, 0, 1), jnp.swapaxes(token_mask, 0, 1)))
+    return state
+
+
+def count_memory_params(mem_params: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(mem_params)))

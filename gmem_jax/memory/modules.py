@@ -1,0 +1,147 @@
+"""G-MemLLM memory as one Flax Linen module with one method per operation.
+
+Shapes: B batch, T tokens in a segment, S memory slots, M memory dim, H backbone hidden size, N sentences.
+The memory never sees backbone internals: it takes hidden states [B, T, H] and returns hidden states.
+
+    encode:  E(h) = Linear(H->2M) -> LayerNorm -> GELU -> Linear(2M->M)            [B, T, H] -> [B, T, M]
+    decode:  D(x) = Linear(M->H) -> LayerNorm -> GELU -> Linear(H->H)              [B, T, M] -> [B, T, H]
+    write:   A = MHA(query=Mem, key=value=E(h), padding-masked)                    [B, S, M]
+             update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
+             gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
+    read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
+    inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
+             residual: h' = h + g * r, g [H] = 0 at init
+    importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gmem_jax.memory.config import MemoryConfig
+
+_EPS = 1e-6
+
+
+class _MLPMap(nn.Module):
+    """Linear -> LayerNorm -> GELU -> Linear: the shape of both the encoder and the decoder."""
+
+    hidden: int
+    out: int
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.hidden, dtype=self.dtype, name="in")(x)
+        x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name="norm")(x), approximate=False)
+        return nn.Dense(self.out, dtype=self.dtype, name="out")(x)
+
+
+class GMemory(nn.Module):
+    """The trainable memory. `hidden_size` is the backbone's H."""
+
+    cfg: MemoryConfig
+    hidden_size: int
+
+    def setup(self):
+        c, H, M, dt = self.cfg, self.hidden_size, self.cfg.mem_dim, self.cfg.dtype
+        self.slots = self.param("slots", nn.initializers.normal(1.0 / M**0.5), (c.num_slots, M))
+        self.encoder = _MLPMap(2 * M, M, dt)
+        self.decoder = _MLPMap(H, H, dt)
+        self.write_attn = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=M, out_features=M,
+                                                          dtype=dt)
+        n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
+        bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
+        self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),
+                             bias_init=lambda *_: bias)
+        if c.gate == "gru":
+            self.candidate = nn.Dense(M, dtype=dt)
+        self.importance_mlp = nn.Sequential([nn.Dense(max(M // 4, 1), dtype=dt), nn.gelu, nn.Dense(1, dtype=dt)])
+        if c.injection == "final":
+            # W_inj [h; r] + b written as h + W[h; r] + b with W, b = 0 at init: the same function class as the
+            # author's fusion, but the identity at init holds exactly at any matmul precision (bf16 TPU passes).
+            self.inject_fuse = nn.Dense(H, dtype=dt, kernel_init=nn.initializers.zeros)
+        else:
+            self.inject_gate = self.param("inject_gate", nn.initializers.zeros, (H,))
+        if c.sp_head:
+            self.sp_sentence = nn.Dense(M, dtype=dt)
+            self.sp_question = nn.Dense(M, dtype=dt)
+            self.sp_score = nn.Sequential([nn.Dense(M, dtype=dt), nn.gelu, nn.Dense(1, dtype=dt)])
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def initial_state(self, batch: int) -> jax.Array:
+        """The learned slot bank broadcast to [B, S, M]: every document starts from the same memory."""
+        return jnp.broadcast_to(self.slots.astype(jnp.float32), (batch,) + self.slots.shape)
+
+    def importance(self, state: jax.Array) -> jax.Array:
+        """Per-slot importance s in (0, 1): [B, S, M] -> [B, S]."""
+        return jax.nn.sigmoid(self.importance_mlp(state)[..., 0].astype(jnp.float32))
+
+    def encode(self, h: jax.Array) -> jax.Array:
+        return self.encoder(h.astype(self.cfg.dtype))
+
+    # ---- write (consolidate) -----------------------------------------------------------------------------
+    def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None):
+        """Consolidate a segment into memory.
+
+        state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]).
+        A segment with no real tokens (front padding) leaves the memory exactly unchanged. gate_override forces the
+        update gate (0 = closed, 1 = open) for tests and ablations.
+        """
+        c = self.cfg
+        x = self.encode(h)
+        attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
+        a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
+        gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
+        z = gates[..., : c.mem_dim]
+        if gate_override is not None:
+            z = jnp.full_like(z, gate_override)
+        z = z * jnp.any(mask, axis=-1)[:, None, None]  # nothing to write: keep memory bit-for-bit
+        if c.gate == "gru":
+            reset = gates[..., c.mem_dim:]
+            cand = jnp.tanh(self.candidate(jnp.concatenate([reset * state, a], -1).astype(c.dtype)).astype(jnp.float32))
+        else:
+            cand = a
+        return z * cand + (1.0 - z) * state, z
+
+    # ---- read (retrieve) and inject ----------------------------------------------------------------------
+    def read(self, state: jax.Array, h: jax.Array):
+        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
+        c = self.cfg
+        q = self.encode(h).astype(jnp.float32)
+        logits = jnp.einsum("btm,bsm->bts", q, state) / jnp.sqrt(c.mem_dim)
+        if c.importance_in_read:
+            logits = logits + jnp.log(self.importance(state) + _EPS)[:, None, :]
+        alpha = jax.nn.softmax(logits, axis=-1)
+        retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
+        return self.decoder(retrieved.astype(c.dtype)).astype(jnp.float32), alpha
+
+    def inject(self, h: jax.Array, r: jax.Array) -> jax.Array:
+        """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation)."""
+        if self.cfg.injection == "final":
+            delta = self.inject_fuse(jnp.concatenate([h, r], -1).astype(self.cfg.dtype))
+            out = h.astype(jnp.float32) + delta.astype(jnp.float32)
+        else:
+            out = h.astype(jnp.float32) + self.inject_gate * r
+        return out.astype(h.dtype)
+
+    # ---- supporting facts --------------------------------------------------------------------------------
+    def sentence_scores(self, sent_h: jax.Array, question_h: jax.Array) -> jax.Array:
+        """sent_h [B, N, H] (memory-augmented hidden state at each sentence's last token), question_h [B, H]
+        -> logits [B, N] that the sentence is a supporting fact for the question."""
+        s = self.sp_sentence(sent_h.astype(self.cfg.dtype))
+        q = jnp.broadcast_to(self.sp_question(question_h.astype(self.cfg.dtype))[:, None], s.shape)
+        return self.sp_score(jnp.concatenate([s, q, s * q], -1))[..., 0].astype(jnp.float32)
+
+    def __call__(self, h: jax.Array, mask: jax.Array):
+        """Touches every parameter (used by init): h [B, T, H], mask [B, T]."""
+        state = self.initial_state(h.shape[0])
+        r, _ = self.read(state, h)
+        state, _ = self.write(state, h, mask)
+        out = self.inject(h, r), self.importance(state)
+        if self.cfg.sp_head:
+            out = out + (self.sentence_scores(h, h[:, 0]),)
+        return out

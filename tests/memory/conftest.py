@@ -1,0 +1,6 @@
+import pytest
+
+
+@pytest.fixture(params=["final", "residual"])
+def injection(request):
+    return request.param
