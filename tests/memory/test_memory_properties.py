@@ -24,10 +24,17 @@ def test_fresh_memory_leaves_logits_exactly_unchanged(arch, injection):
                                                           cfg, mcfg)
     assert float(jnp.abs(state - initial_state(mem, cfg, mcfg, 3)).max()) > 1e-3
     tokens = jnp.asarray(b["tokens"][:, 2])
-    plain = jax.jit(lambda fz, t: forward(fz, t, cfg).logits)(frozen, tokens)
     with_memory = jax.jit(lambda m, s, fz, t: forward(fz, t, cfg, **memory_hooks(m, s, cfg, mcfg)).logits)(
         mem, state, frozen, tokens)
+    # Bitwise against the frozen model run through the same program structure (a residual hook splits the layer
+    # scan in two, which XLA may fuse differently at the 1e-8 level) ...
+    identity = {k: (lambda h: (h, None)) if k.endswith("hook") else v
+                for k, v in memory_hooks(mem, state, cfg, mcfg).items()}
+    plain = jax.jit(lambda fz, t: forward(fz, t, cfg, **identity).logits)(frozen, tokens)
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(with_memory))
+    # ... and to float rounding against the unsplit frozen model.
+    unsplit = jax.jit(lambda fz, t: forward(fz, t, cfg).logits)(frozen, tokens)
+    np.testing.assert_allclose(np.asarray(unsplit), np.asarray(with_memory), rtol=0, atol=1e-6)
 
 
 def test_train_steps_touch_only_memory(injection):
