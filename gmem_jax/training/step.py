@@ -20,15 +20,22 @@ from gmem_jax.memory.model import forward_segments
 TrainState = dict  # {'step': int32 [], 'params': memory params, 'opt_state': optax state over params}
 
 
-def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.01,
-                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.1
-                   ) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a linear-warmup + cosine-decay schedule. Weight decay applies to
-    matrices only (not biases, norms, gates or the slot bank), as is usual for small adapters."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, end_lr_fraction: float = 0.1
+                  ) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine decay to `end_lr_fraction` of it at `total_steps`."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
         warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
         end_value=learning_rate * end_lr_fraction)
+
+
+def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.01,
+                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.1
+                   ) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and `make_schedule`. Weight decay applies to matrices only (not biases,
+    norms, gates or the slot bank), as is usual for small adapters."""
+    schedule = make_schedule(learning_rate=learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
+                             end_lr_fraction=end_lr_fraction)
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, x: x.ndim >= 2 and "slots" not in jax.tree_util.keystr(path), params)
     return optax.chain(optax.clip_by_global_norm(clip_norm),

@@ -1,0 +1,196 @@
+"""ZsRE knowledge editing (the MEND/EasyEdit edit set): write an edit into memory, then query it.
+
+Each record (subject, src, pred, rephrase, alt, answers, loc, loc_ans, cond, portability) gives up to four
+examples, meta['kind']:
+  reliability     query src             -> alt          (the edit itself)
+  generalization  query rephrase        -> alt          (a paraphrase of it)
+  locality        query loc             -> loc_ans      (unrelated: at eval compare with the frozen model's own
+                                                         output, see `score`; the leading "nq question: " is cut)
+  portability     query "New Question"  -> "New Answer" (a consequence of the edit)
+The edit is the statement "{src} {alt}." in the context; the query is the last segment. Layouts (Task):
+"memory" (edit in a segment before the query, which the query never sees directly), "none" (no-memory
+baseline: query only) and "prompt" (edit-in-prompt baseline: edit statement + query in the last segment).
+`n_distractor_edits` other edits of the same split can share the context (batch editing).
+
+Split: dev is a fixed 20% (`dev_fraction`) chosen by ranking records by sha256(split_seed, subject, src, alt),
+so it is the same on every machine and does not depend on the records' order; train is the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from gmem_jax.errors import GmemError
+from gmem_jax.tasks.base import QA_PROMPT, SegmentedExample, Task, check_dims, record_error, resolve_records
+from gmem_jax.tasks.metrics import answer_em, exact_match, grouped_mean
+from gmem_jax.tasks.segment import sentence_units
+
+KINDS = ("reliability", "generalization", "locality", "portability")
+SPLITS = ("train", "dev", "all")
+_NQ_PREFIX = re.compile(r"^\s*nq question:\s*", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZsreRecord:
+    index: int  # position in the source file: the stable record id
+    subject: str
+    src: str
+    rephrase: str
+    alt: str  # the new (edited) answer
+    pred: str  # the unedited model's answer in the original set
+    answers: tuple[str, ...]  # the true answers before the edit
+    loc: str
+    loc_ans: str
+    portability: tuple[str, str] | None  # (New Question, New Answer)
+
+    def statement(self) -> str:
+        """The edit as a context sentence."""
+        return f"{self.src.strip()} {self.alt.strip()}."
+
+    def query(self, kind: str) -> tuple[str, str] | None:
+        """(question, answer) of an example kind; None when the record has no portability question."""
+        if kind == "reliability":
+            return self.src, self.alt
+        if kind == "generalization":
+            return self.rephrase, self.alt
+        if kind == "locality":
+            return _NQ_PREFIX.sub("", self.loc), self.loc_ans
+        return self.portability
+
+
+def normalize_zsre_records(records: Iterable[Mapping], source: str = "records") -> list[ZsreRecord]:
+    """Dicts in the MEND/EasyEdit layout -> ZsreRecords; GmemError names the record index and field."""
+    out = []
+    for index, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise GmemError(f"{source}: record {index} is a {type(rec).__name__}, not an object")
+        bad = functools.partial(record_error, source, index, rec.get("subject"))  # bad(field, problem) -> GmemError
+
+        for field in ("subject", "src", "rephrase", "alt", "loc", "loc_ans"):
+            if not isinstance(rec.get(field), str) or not rec[field].strip():
+                raise bad(field, "is missing or not a non-empty string")
+        answers = rec.get("answers", [])
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, Sequence) or not all(isinstance(a, str) for a in answers):
+            raise bad("answers", "must be a list of strings")
+        port = rec.get("portability")
+        if port is not None:
+            if not isinstance(port, Mapping) or not all(isinstance(port.get(k), str) and port[k].strip()
+                                                        for k in ("New Question", "New Answer")):
+                raise bad("portability", "must have 'New Question' and 'New Answer' strings")
+            port = (port["New Question"], port["New Answer"])
+        out.append(ZsreRecord(index, rec["subject"], rec["src"], rec["rephrase"], rec["alt"], str(rec.get("pred", "")),
+                              tuple(answers), rec["loc"], rec["loc_ans"], port))
+    return out
+
+
+def split_zsre(records: Sequence[ZsreRecord], split: str, *, dev_fraction: float = 0.2, split_seed: int = 0
+               ) -> list[ZsreRecord]:
+    """The train / dev / all records, in source order (see the module docstring for the rule)."""
+    if split not in SPLITS:
+        raise GmemError(f"zsre: unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if split == "all":
+        return list(records)
+    if not 0.0 < dev_fraction < 1.0:
+        raise GmemError(f"zsre: dev_fraction={dev_fraction} must be in (0, 1)")
+
+    def rank(r: ZsreRecord) -> tuple[str, int]:
+        text = "\x1f".join((str(split_seed), r.subject, r.src, r.alt))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest(), r.index
+
+    dev = {r.index for r in sorted(records, key=rank)[:math.ceil(dev_fraction * len(records))]}
+    return [r for r in records if (r.index in dev) == (split == "dev")]
+
+
+class ZsRETask(Task):
+    """ZsRE edits as SegmentedExamples. source: the JSON file, or any iterable of records (no hub layout is
+    standard for this set)."""
+
+    name = "zsre"
+
+    def __init__(self, source: Any, *, kinds: Sequence[str] = KINDS, n_distractor_edits: int = 0,
+                 dev_fraction: float = 0.2, split_seed: int = 0, layout: str = "memory", window: int | None = None,
+                 overflow: str = "drop_oldest"):
+        super().__init__(layout=layout, window=window, overflow=overflow)
+        unknown = set(kinds) - set(KINDS)
+        if unknown or not kinds:
+            raise GmemError(f"zsre: unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+        if n_distractor_edits < 0:
+            raise GmemError(f"zsre: n_distractor_edits={n_distractor_edits} must be >= 0")
+        self.source, self.kinds, self.n_distractor_edits = source, tuple(kinds), n_distractor_edits
+        self.dev_fraction, self.split_seed = dev_fraction, split_seed
+        self._records: list[ZsreRecord] | None = None
+
+    def records(self, split: str) -> list[ZsreRecord]:
+        if self._records is None:  # one file holds every split
+            raw, name = resolve_records(self.source, "all")
+            self._records = normalize_zsre_records(raw, name)
+        return split_zsre(self._records, split, dev_fraction=self.dev_fraction, split_seed=self.split_seed)
+
+    def examples(self, split: str, tokenizer: Any, *, n_seg: int, seg_len: int, max_sents: int, seed: int = 0,
+                 limit: int | None = None) -> list[SegmentedExample]:
+        """For each record (the first `limit`), one example per kind in `kinds`. The distractor edits and the
+        edit's place among them are drawn from (seed, record index)."""
+        check_dims(self.name, n_seg, seg_len, max_sents)
+        records = self.records(split)
+        out = []
+        for rec in records[:limit]:
+            edits = [rec]
+            if self.n_distractor_edits:
+                rng = np.random.default_rng([seed, rec.index])
+                others = [r for r in records if r.index != rec.index]
+                if len(others) < self.n_distractor_edits:
+                    raise GmemError(f"zsre: {self.n_distractor_edits} distractor edits requested but split {split!r} "
+                                    f"has only {len(others)} other records; lower n_distractor_edits")
+                edits = [others[i] for i in rng.choice(len(others), self.n_distractor_edits, replace=False)]
+                edits.insert(int(rng.integers(len(edits) + 1)), rec)
+            units = sentence_units(tokenizer, [e.statement() for e in edits], keys=[("edit", e.index) for e in edits],
+                                   labels=[float(e is rec) for e in edits])
+            for kind in self.kinds:
+                qa = rec.query(kind)
+                if qa is None:
+                    continue
+                meta = {"id": f"zsre-{rec.index}-{kind}", "task": self.name, "kind": kind, "answers": [qa[1]],
+                        "record_index": rec.index, "subject": rec.subject}
+                out.append(self.build(tokenizer, units, qa[0], qa[1], meta, n_seg=n_seg, seg_len=seg_len,
+                                      max_sents=max_sents))
+        return out
+
+    def score(self, predictions: Mapping[str, Mapping[str, Any]], examples: Sequence[SegmentedExample]
+              ) -> dict[str, float]:
+        """Per kind, over all examples of that kind (a missing prediction counts 0):
+          '{kind}_em'        generation exact match (normalized) against the gold answer;
+          'locality'         for locality examples whose prediction has 'reference' (the frozen model's own
+                             answer without memory): normalized agreement of 'answer' with it;
+          '{kind}_token_em'  mean of predictions' 'token_em' (teacher-forced token accuracy, see
+                             metrics.token_em; for locality: agreement of token predictions with/without memory)
+                             where given.
+        """
+        kind = lambda ex: ex.meta["kind"]  # noqa: E731
+        out = {f"{k}_em": v for k, v in grouped_mean(examples, lambda ex: answer_em(predictions, ex), kind).items()}
+
+        def reference_agreement(ex):
+            p = predictions.get(ex.meta["id"], {})
+            if kind(ex) != "locality" or "reference" not in p:
+                return None
+            return exact_match(p.get("answer", ""), [p["reference"]])
+
+        out.update(grouped_mean(examples, reference_agreement, kind))
+        token = grouped_mean(examples, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
+        out.update({f"{k}_token_em": v for k, v in token.items()})
+        return out
+
+    def texts(self, split: str) -> Iterable[str]:
+        yield QA_PROMPT.format(question="")
+        for r in self.records(split):
+            yield r.statement()
+            for kind in KINDS:
+                if r.query(kind):
+                    yield from r.query(kind)

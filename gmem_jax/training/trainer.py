@@ -1,0 +1,171 @@
+"""The training loop: build everything from a config, resume from the workdir, train, checkpoint, evaluate,
+write summary.json. `python -m gmem_jax.train` is a thin CLI over `train(config, workdir)`.
+
+Workdir layout: config.json (resolved config), metrics.jsonl, tb/ (TensorBoard), checkpoints/ (orbax: memory
+params + optimizer state + step, data-iterator state, run identity), memory_export/ (safetensors + JSON),
+eval_<split>.json, summary.json, *.png plots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gmem_jax.backbones.model import count_params
+from gmem_jax.errors import GmemError
+from gmem_jax.memory.model import count_memory_params, init_memory
+from gmem_jax.tasks.base import collate
+from gmem_jax.training import builders, checkpoint, distributed, sharding
+from gmem_jax.training.data import BatchIterator
+from gmem_jax.training.evaluation import predict
+from gmem_jax.training.monitor import Monitor
+from gmem_jax.training.step import init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
+
+_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label")
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def _device_batch(batch: dict, mesh) -> dict:
+    arrays = {k: batch[k] for k in _ARRAY_KEYS if k in batch}
+    return distributed.host_local_batch_to_global(arrays, mesh, sharding.batch_sharding(mesh))
+
+
+def evaluate_run(config, *, task, tokenizer, frozen, cfg, mcfg, mem_params, use_memory, examples, show_progress
+                 ) -> dict:
+    """Task metrics of the trained system on `examples` (plus the teacher-forced answer-token accuracy)."""
+    preds = predict(examples, tokenizer, frozen, cfg, mem_params=mem_params, mcfg=mcfg, use_memory=use_memory,
+                    batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+                    desc="eval", show_progress=show_progress)
+    scores = task.score(preds, examples)
+    scores["answer_token_acc"] = float(np.mean([p["token_em"] for p in preds.values()]))
+    return {"metrics": scores, "predictions": preds}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train (or resume) the memory described by `config` in `workdir`; returns the summary dict."""
+    t_start = time.time()
+    distributed.maybe_initialize()
+    main = distributed.is_main_process()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+
+    mesh = builders.build_mesh(config)
+    task = builders.build_task(config)
+    tokenizer = builders.build_tokenizer(config, task)
+    cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
+    mcfg = builders.build_memory_config(config, cfg)
+    train_examples = builders.build_examples(config, task, tokenizer, config.task.train_split, config.task.train_limit,
+                                             config.task.seed)
+    eval_examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
+                                            config.task.seed)
+    builders.check_loss_positions(train_examples, mcfg, "training data")
+    if main:
+        _atomic_write_json(workdir / "config.json", builders.config_to_dict(config))
+
+    optimizer = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
+                               weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
+    schedule = make_schedule(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps)
+    params = init_memory(jax.random.PRNGKey(tc.seed), cfg, mcfg)
+    state = init_train_state(params, optimizer)
+    state_rules = sharding.memory_rules(config.mesh_shard_slots)
+    state = jax.device_put(state, sharding.tree_shardings(state, mesh, state_rules))
+    identity = checkpoint.run_identity(backbone_id, cfg.fingerprint(), params)
+    store = checkpoint.CheckpointStore(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+    iterator = BatchIterator(train_examples, tc.batch_size, seed=tc.seed, collate_fn=collate)
+
+    restored = store.restore_latest(state, expected=identity)
+    start_step = 0
+    if restored is not None:
+        state, extra = restored
+        iterator.restore(extra["data"])
+        start_step = int(state["step"])
+    watcher = checkpoint.install_preemption_handler()
+    tokens_per_step = int(tc.batch_size * config.task.n_seg * config.task.seg_len)
+    monitor = Monitor(workdir, tc.steps, main, tokens_per_step=tokens_per_step,
+                      resume_step=start_step if restored is not None else None)
+    train_step = make_train_step(cfg, mcfg, optimizer, use_memory=tc.use_memory)
+
+    def save(step):
+        store.save(step, state, {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
+
+    step = start_step
+    t_loop = time.time()
+    try:
+        while step < tc.steps:
+            batch = _device_batch(next(iterator), mesh)
+            state, metrics = train_step(state, frozen, batch)
+            step += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(v) for v in values.values()):
+                    bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+                    raise GmemError(f"non-finite {', '.join(bad)} at step {step}; stopped without saving it (the last "
+                                    f"good checkpoint, step {store.latest_step()}, is kept): lower "
+                                    "train.learning_rate or check the data")
+                values["learning_rate"] = float(schedule(step))
+                monitor.write(step, values)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                save(step)
+            if watcher.should_stop(step):
+                save(step)
+                store.wait()
+                raise GmemError(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
+    finally:
+        store.wait()
+        watcher.uninstall()
+    train_seconds = time.time() - t_loop
+
+    params = jax.device_get(state["params"])
+    result: dict[str, Any] = {}
+    if config.eval.enabled:
+        ev = evaluate_run(config, task=task, tokenizer=tokenizer, frozen=frozen, cfg=cfg, mcfg=mcfg,
+                          mem_params=state["params"], use_memory=tc.use_memory, examples=eval_examples,
+                          show_progress=main)
+        result = ev["metrics"]
+        if main:
+            _atomic_write_json(workdir / f"eval_{config.task.eval_split}.json", ev)
+    final = {}
+    if main:
+        log = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        final = {k: v for k, v in log[-1].items() if k not in ("time",)} if log else {}
+        usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
+        monitor.plot(slot_usage=usage, gate_values=gate)
+        checkpoint.export_params(params, {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
+                                          "backbone_fingerprint": cfg.fingerprint()}, workdir / "memory_export")
+    monitor.close()
+    store.close()
+    summary = {
+        "backbone_id": backbone_id, "backbone_fingerprint": cfg.fingerprint(),
+        "backbone_params": count_params(frozen), "memory_params": count_memory_params(params),
+        "memory_overhead": count_memory_params(params) / count_params(frozen),
+        "task": config.task.name, "use_memory": bool(tc.use_memory), "steps": int(step),
+        "resumed_from_step": start_step if restored is not None else None,
+        "final_train": final, "eval": result, "eval_examples": len(eval_examples),
+        "train_examples": len(train_examples),
+        "train_tokens_per_second": (step - start_step) * tokens_per_step / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds, "wall_seconds": time.time() - t_start,
+        "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
+    }
+    if main:
+        _atomic_write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def _memory_stats(params, frozen, cfg, mcfg, iterator, mesh, use_memory):
+    """Slot usage [S] and per-slot gate openness [S] on one training batch, for the end-of-run plots."""
+    probe = BatchIterator(iterator.examples, iterator.global_batch_size, seed=iterator.seed + 1, collate_fn=collate)
+    out = make_eval_step(cfg, mcfg, use_memory=use_memory)(params, frozen, _device_batch(next(probe), mesh))
+    return np.asarray(out.slot_usage), np.asarray(out.gate_mean)

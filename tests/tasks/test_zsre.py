@@ -1,0 +1,125 @@
+"""ZsRE: parsing, the deterministic split, example kinds and layouts, and the editing metrics."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from gmem_jax.errors import GmemError
+from gmem_jax.tasks.metrics import clean_generation, exact_match, token_em
+from gmem_jax.tasks.zsre import KINDS, ZsRETask, normalize_zsre_records, split_zsre
+
+
+@pytest.fixture(scope="module")
+def zsre_file(shared_data):
+    return shared_data / "zsre" / "zsre_mend_edit_837.json"
+
+
+@pytest.fixture(scope="module")
+def raw(zsre_file):
+    return json.loads(zsre_file.read_text())
+
+
+def test_parses_all_records(raw):
+    records = normalize_zsre_records(raw, "zsre.json")
+    assert len(records) == 837
+    r = records[0]
+    assert (r.subject, r.alt, r.answers) == ("IAAF Combined Events Challenge", "2006", ("1998",))
+    assert r.portability == (raw[0]["portability"]["New Question"], "Athletics")
+    assert r.query("locality") == ("what is the name of the last episode of spongebob", "The String")  # prefix cut
+
+
+def test_split_is_deterministic_order_independent_and_pinned(raw):
+    records = normalize_zsre_records(raw)
+    dev, train = split_zsre(records, "dev"), split_zsre(records, "train")
+    assert len(dev) == 168 and len(train) == 669 and not {r.src for r in dev} & {r.src for r in train}
+    # Pinned: the split must be the same on every machine and run (a changed rule changes published numbers).
+    assert [r.index for r in dev[:5]] == [1, 5, 7, 9, 19]
+    shuffled = list(raw)
+    random.Random(3).shuffle(shuffled)
+    assert {r.src for r in split_zsre(normalize_zsre_records(shuffled), "dev")} == {r.src for r in dev}
+    other_seed = {r.src for r in split_zsre(records, "dev", split_seed=1)}
+    assert len(other_seed) == 168 and other_seed != {r.src for r in dev}
+    with pytest.raises(GmemError, match="unknown split 'validation'"):
+        split_zsre(records, "validation")
+
+
+@pytest.mark.parametrize("field, value, message", [("alt", None, r"record 1 \(id .*\): field 'alt'"),
+                                                   ("portability", {"New Question": "q"}, "field 'portability'"),
+                                                   ("answers", [1], "field 'answers'")])
+def test_malformed_record(raw, field, value, message):
+    records = [dict(r) for r in raw[:3]]
+    records[1][field] = value
+    with pytest.raises(GmemError, match=message):
+        normalize_zsre_records(records, "zsre.json")
+
+
+def _segments(tok, ex):
+    return [tok.decode(ex.tokens[s][ex.token_mask[s]]) for s in range(ex.tokens.shape[0])]
+
+
+def test_memory_layout_kinds_and_distractor_edits(zsre_file, gpt2_tok):
+    task = ZsRETask(zsre_file, n_distractor_edits=3)
+    exs = task.examples("dev", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=0, limit=2)
+    assert [e.meta["kind"] for e in exs] == list(KINDS) * 2
+    rec = task.records("dev")[0]
+    for ex in exs[:4]:
+        segs = _segments(gpt2_tok, ex)
+        context = "".join(segs[:-1])
+        assert f" {rec.src} {rec.alt}." in context  # the edit is written before the query segment...
+        assert (rec.src in segs[-1]) == (ex.meta["kind"] == "reliability")  # ...and only reliability re-asks it
+        assert context.count("?") == 4  # the edit and 3 distractor edits, none in the query segment
+        (s, k), = zip(*np.nonzero(ex.sent_label))  # exactly one supporting sentence: the edit itself
+        assert ex.meta["sent_keys"][s][k] == ("edit", rec.index)
+        question, answer = rec.query(ex.meta["kind"])
+        assert segs[-1] == f"Question: {question.strip()}\nAnswer: {answer}<|endoftext|>"
+        assert ex.meta["answers"] == [answer]
+    again = task.examples("dev", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=0, limit=2)
+    assert all((a.tokens == b.tokens).all() for a, b in zip(exs, again))
+    reseeded = task.examples("dev", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=1, limit=2)
+    assert any((a.tokens != b.tokens).any() for a, b in zip(exs, reseeded))
+
+
+def test_baseline_layouts(zsre_file, gpt2_tok):
+    rec = ZsRETask(zsre_file).records("dev")[0]
+    none = ZsRETask(zsre_file, kinds=["generalization"], layout="none").examples(
+        "dev", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=1)[0]
+    assert not none.token_mask[0].any()
+    assert _segments(gpt2_tok, none)[-1] == f"Question: {rec.rephrase}\nAnswer: {rec.alt}<|endoftext|>"
+    prompt = ZsRETask(zsre_file, kinds=["generalization"], layout="prompt").examples(
+        "dev", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=1)[0]
+    assert not prompt.token_mask[0].any() and prompt.meta["dropped_tokens"] == 0
+    assert _segments(gpt2_tok, prompt)[-1] == \
+        f" {rec.src} {rec.alt}.\nQuestion: {rec.rephrase}\nAnswer: {rec.alt}<|endoftext|>"
+    assert gpt2_tok.decode(prompt.tokens[-1, :prompt.prompt_len]).endswith("Answer:")
+
+
+def test_token_em_exact_match_and_locality_helpers():
+    pred = [[1, 2, 3, 0], [5, 5, 5, 5]]
+    target = [[1, 2, 4, 9], [5, 6, 5, 7]]
+    mask = [[1, 1, 1, 0], [0, 1, 1, 1]]
+    np.testing.assert_allclose(token_em(pred, target, mask), [2 / 3, 1 / 3])
+    assert token_em(np.array(pred[0]), np.array(pred[0]), np.array(mask[0])) == 1.0  # locality: identical outputs
+    with pytest.raises(GmemError, match="no masked target"):
+        token_em(pred, target, [[0, 0, 0, 0], [1, 0, 0, 0]])
+    with pytest.raises(GmemError, match="same shape"):
+        token_em(pred, target, [[1, 1]])
+    assert exact_match("The Lamiinae.", ["x", "lamiinae"]) == 1.0 and exact_match("Lamia", ["Lamiinae"]) == 0.0
+    assert clean_generation(" Lamiinae\nQuestion: next") == "Lamiinae"
+
+
+def test_score(zsre_file, gpt2_tok):
+    task = ZsRETask(zsre_file, kinds=["reliability", "generalization", "locality"])
+    exs = task.examples("dev", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=2)
+    by_kind = {k: [e for e in exs if e.meta["kind"] == k] for k in task.kinds}
+    preds = {}
+    for e in by_kind["reliability"]:
+        preds[e.meta["id"]] = {"answer": e.meta["answers"][0] + ".", "token_em": 1.0}
+    preds[by_kind["generalization"][0].meta["id"]] = {"answer": "wrong", "token_em": 0.5}  # the other one: missing
+    loc0, loc1 = by_kind["locality"]
+    preds[loc0.meta["id"]] = {"answer": "Frozen says this", "reference": "frozen says this", "token_em": 1.0}
+    preds[loc1.meta["id"]] = {"answer": loc1.meta["answers"][0], "reference": "something else", "token_em": 0.0}
+    scores = task.score(preds, exs)
+    assert scores == pytest.approx({"reliability_em": 1.0, "generalization_em": 0.0, "locality_em": 0.5,
+                                    "locality": 0.5, "reliability_token_em": 1.0, "generalization_token_em": 0.5,
+                                    "locality_token_em": 0.5})
