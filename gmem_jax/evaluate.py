@@ -1,23 +1,135 @@
-"""`python -m gmem_jax.evaluate SUBCOMMAND ...`
+"""`python -m gmem_jax.evaluate ...`
 
-  hotpotqa PRED.json GOLD.json   the official HotpotQA metrics of a prediction file (prints JSON)
+  --config configs/X.py --workdir DIR [--baseline_workdir DIR2] [--config.key=value ...]
+      evaluate the memory trained in DIR on the config's eval split next to its baselines, in one harness:
+        memory      the trained memory (context written into memory, every token reads it)
+        no_memory   the same trainable modules trained with memory disabled (from --baseline_workdir, a run of
+                    the same config with --config.train.use_memory=False)
+        frozen      the frozen backbone alone, question only
+        in_prompt   the frozen backbone with as much context as fits in its prompt (last segment)
+      writes DIR/eval_results.json and DIR/results.md (a Markdown table).
+  hotpotqa PRED.json GOLD.json
+      the official HotpotQA metrics of a prediction file (prints JSON)
 """
 from __future__ import annotations
 
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 SUBCOMMANDS = ("hotpotqa",)
 
 
+def _load_trained(workdir: Path, cfg):
+    """(memory params, MemoryConfig) exported at the end of training in `workdir`, checked against `cfg`."""
+    from gmem_jax.errors import GmemError
+    from gmem_jax.memory.config import MemoryConfig
+    from gmem_jax.training.checkpoint import import_params
+
+    params, meta = import_params(workdir / "memory_export")
+    if meta.get("backbone_fingerprint") != cfg.fingerprint():
+        raise GmemError(f"the memory in {workdir} was trained on backbone {meta.get('backbone_id')} (fingerprint "
+                        f"{meta.get('backbone_fingerprint')}), not this config's ({cfg.fingerprint()}); evaluate it "
+                        "with the config it was trained with")
+    return params, MemoryConfig.from_dict(meta["memory"])
+
+
+def evaluate_systems(config, workdir: Path, baseline_workdir: Path | None, show_progress: bool = True) -> dict:
+    """Scores of every system on the same eval examples: {system: {metric: value}} plus run facts."""
+    from gmem_jax.training import builders
+    from gmem_jax.training.evaluation import predict
+
+    mesh = builders.build_mesh(config)
+    task = builders.build_task(config)
+    tokenizer = builders.build_tokenizer(config, task)
+    cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
+    split, limit, seed = config.task.eval_split, config.task.eval_limit, config.task.seed
+    ev = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, show_progress=show_progress)
+    examples = {layout: builders.build_examples(config, builders.build_task(config, layout), tokenizer, split, limit, seed)
+                for layout in ("memory", "none", "prompt")}
+    results, timings = {}, {}
+
+    def run(name, exs, **kw):
+        t0 = time.time()
+        preds = predict(exs, tokenizer, frozen, cfg, desc=name, **ev, **kw)
+        timings[name] = time.time() - t0
+        return preds
+
+    frozen_preds = run("frozen", examples["none"])
+    systems = {"frozen": (frozen_preds, examples["none"]),
+               "in_prompt": (run("in_prompt", examples["prompt"]), examples["prompt"])}
+    params, mcfg = _load_trained(workdir, cfg)
+    systems["memory"] = (run("memory", examples["memory"], mem_params=params, mcfg=mcfg, use_memory=True),
+                         examples["memory"])
+    if baseline_workdir is not None:
+        bparams, bmcfg = _load_trained(baseline_workdir, cfg)
+        systems["no_memory"] = (run("no_memory", examples["memory"], mem_params=bparams, mcfg=bmcfg, use_memory=False),
+                                examples["memory"])
+    for name, (preds, exs) in systems.items():
+        for ex in exs:  # locality is judged against the frozen model's own answer to the same query
+            p = preds.get(ex.meta["id"])
+            if p is not None and ex.meta.get("kind") == "locality":
+                p["reference"] = frozen_preds.get(ex.meta["id"], {}).get("answer", "")
+        results[name] = task.score(preds, exs)
+        results[name]["answer_token_acc"] = sum(p["token_em"] for p in preds.values()) / max(len(preds), 1)
+    return {"task": config.task.name, "split": split, "examples": len(examples["memory"]), "backbone": backbone_id,
+            "memory": mcfg.to_dict(), "seconds": timings, "results": results}
+
+
+def markdown_table(report: dict) -> str:
+    systems = list(report["results"])
+    metrics = sorted({m for s in systems for m in report["results"][s]})
+    lines = [f"Task `{report['task']}`, split `{report['split']}`, {report['examples']} examples, backbone "
+             f"`{report['backbone']}`.", "", "| metric | " + " | ".join(systems) + " |",
+             "|---|" + "---|" * len(systems)]
+    for m in metrics:
+        cells = [report["results"][s].get(m) for s in systems]
+        lines.append(f"| {m} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+    lines.append("")
+    lines.append("Values are percentages (x100).")
+    return "\n".join(lines) + "\n"
+
+
+def _model_main(argv) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from gmem_jax.errors import GmemError
+
+    config = config_flags.DEFINE_config_file("config", None, "configs/X.py used to train the memory")
+    workdir = flags.DEFINE_string("workdir", None, "the trained run's directory")
+    baseline = flags.DEFINE_string("baseline_workdir", None, "a run of the same config with train.use_memory=False")
+
+    def run(_):
+        try:
+            report = evaluate_systems(config.value, Path(workdir.value),
+                                      Path(baseline.value) if baseline.value else None)
+        except GmemError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        out = Path(workdir.value)
+        (out / "eval_results.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        (out / "results.md").write_text(markdown_table(report))
+        print(markdown_table(report))
+        sys.exit(0)
+
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(run, argv=[sys.argv[0], *argv])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS:
-        print(f"usage: python -m gmem_jax.evaluate {{{','.join(SUBCOMMANDS)}}} ...\n{__doc__.strip()}", file=sys.stderr)
-        return 2
-    from gmem_jax.tasks.hotpot_metrics import main as hotpotqa_main
+    if argv and argv[0] in SUBCOMMANDS:
+        from gmem_jax.tasks.hotpot_metrics import main as hotpotqa_main
 
-    return hotpotqa_main(argv[1:])
+        return hotpotqa_main(argv[1:])
+    if not argv:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return _model_main(argv)
 
 
 if __name__ == "__main__":
