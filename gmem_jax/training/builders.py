@@ -83,6 +83,12 @@ def build_backbone(config: ml_collections.ConfigDict, mesh, tokenizer) -> tuple[
 
 
 def build_memory_config(config: ml_collections.ConfigDict, cfg: BackboneConfig) -> MemoryConfig:
+    """The memory config, checked against the backbone (read layer in range, segments within its positions)."""
+    longest = config.task.seg_len + config.eval.max_new_tokens  # a generated answer continues the last segment
+    if longest > cfg.max_position_embeddings:
+        raise GmemError(f"task.seg_len={config.task.seg_len} + eval.max_new_tokens={config.eval.max_new_tokens} "
+                        f"exceeds the backbone's max_position_embeddings={cfg.max_position_embeddings}; lower "
+                        "task.seg_len (longer inputs go into more segments: raise task.n_seg)")
     mcfg = MemoryConfig.from_dict(dict(config.memory))
     mcfg.check_backbone(cfg.num_layers)
     return mcfg

@@ -128,7 +128,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         watcher.uninstall()
     train_seconds = time.time() - t_loop
 
-    params = jax.device_get(state["params"])
     result: dict[str, Any] = {}
     if config.eval.enabled:
         ev = evaluate_run(config, task=task, tokenizer=tokenizer, frozen=frozen, cfg=cfg, mcfg=mcfg,
@@ -138,19 +137,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         if main:
             _atomic_write_json(workdir / f"eval_{config.task.eval_split}.json", ev)
     final = {}
+    # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
+    usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
+    checkpoint.export_params(state["params"], {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
+                                               "backbone_fingerprint": cfg.fingerprint()}, workdir / "memory_export")
     if main:
         log = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
         final = {k: v for k, v in log[-1].items() if k not in ("time",)} if log else {}
-        usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
         monitor.plot(slot_usage=usage, gate_values=gate)
-        checkpoint.export_params(params, {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
-                                          "backbone_fingerprint": cfg.fingerprint()}, workdir / "memory_export")
     monitor.close()
     store.close()
     summary = {
         "backbone_id": backbone_id, "backbone_fingerprint": cfg.fingerprint(),
-        "backbone_params": count_params(frozen), "memory_params": count_memory_params(params),
-        "memory_overhead": count_memory_params(params) / count_params(frozen),
+        "backbone_params": count_params(frozen), "memory_params": count_memory_params(state["params"]),
+        "memory_overhead": count_memory_params(state["params"]) / count_params(frozen),
         "task": config.task.name, "use_memory": bool(tc.use_memory), "steps": int(step),
         "resumed_from_step": start_step if restored is not None else None,
         "final_train": final, "eval": result, "eval_examples": len(eval_examples),

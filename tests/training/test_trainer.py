@@ -1,0 +1,128 @@
+"""The trainer end to end: smoke run, resume after SIGKILL, 1 vs 8 devices, bad input."""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer_testlib import FAST, TINY, exported, metrics, run_env, run_train, train_cmd
+
+
+def test_tiny_config_trains_end_to_end_and_writes_summary(tmp_path):
+    from gmem_jax.training.trainer import train
+
+    config = _tiny_config()
+
+    summary = train(config, tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == summary["steps"] == 8
+    assert set(saved["eval"]) >= {"em", "chance", "answer_token_acc"}
+    assert 0 < saved["memory_params"] and saved["memory_overhead"] > 0
+    assert [m["step"] for m in metrics(tmp_path)] == [2, 4, 6, 8]
+    for name in ("config.json", "memory_export/memory.safetensors", "memory_export/memory_config.json",
+                 "eval_dev.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list(tmp_path.glob("*.png")), "plots missing"
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(straight)
+    proc = subprocess.Popen(train_cmd(killed), env=run_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(TINY).parents[1])
+    deadline = time.time() + 300
+    ckpts = killed / "checkpoints"
+    while time.time() < deadline and not (ckpts.is_dir() and any(p.name == "8" for p in ckpts.iterdir())):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    run_train(killed)  # the same command resumes from the newest complete checkpoint
+    a, b = exported(straight), exported(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert metrics(straight) == metrics(killed)
+    assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] in (4, 8)
+
+
+def test_eight_devices_fsdp_match_one_device(tmp_path):
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    run_train(one, "--config.mesh.data=1", "--config.mesh.fsdp=1", devices=1)
+    run_train(eight, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
+    m1, m8 = metrics(one), metrics(eight)
+    assert [m["step"] for m in m1] == [m["step"] for m in m8]
+    for a, b in zip(m1, m8):
+        for key in ("loss", "ce", "sparsity", "entropy", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+
+
+def _error_line(proc):
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.train.not_a_key=1", "not_a_key"),
+    ("--config.backbone.source=/nonexistent/model", "/nonexistent/model"),
+    ("--config.task.seg_len=400", "max_position_embeddings"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, override, needle):
+    proc = run_train(tmp_path / "run", override, check=False)
+    assert proc.returncode != 0
+    assert needle in _error_line(proc), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr or needle == "not_a_key"
+
+
+def test_checkpoint_from_other_backbone_is_refused_and_kept(tmp_path):
+    run_train(tmp_path, "--config.train.steps=4")
+    before = exported(tmp_path)
+    proc = run_train(tmp_path, "--config.train.steps=8", "--config.backbone.random.hidden_size=32", check=False)
+    assert proc.returncode == 2 and "fingerprint" in _error_line(proc), proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+    after = exported(tmp_path)
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    run_train(tmp_path, "--config.train.steps=4")
+    good = exported(tmp_path)
+    proc = run_train(tmp_path, "--config.train.steps=12", "--config.train.learning_rate=1e30",
+                     "--config.train.clip_norm=1e30", "--config.train.warmup_steps=0", check=False)
+    assert proc.returncode == 2 and "non-finite" in _error_line(proc), proc.stderr[-2000:]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+    for k, v in exported(tmp_path).items():  # the export of the good run is untouched too
+        np.testing.assert_array_equal(v, good[k])
+
+
+def test_malformed_dataset_file_is_named(tmp_path):
+    from gmem_jax.errors import GmemError
+    from gmem_jax.training.trainer import train
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"_id": "x1", "question": "q?", "answer": "a", "supporting_facts": [], "context": 7}]')
+    config = _tiny_config()
+    config.task.update(name="hotpotqa", n_seg=4, seg_len=32)
+    config.task.kwargs = {"source": str(bad)}
+    with pytest.raises(GmemError, match="x1"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def _tiny_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", TINY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    config.train.update(steps=8, log_every=2, checkpoint_every=4, batch_size=8, async_checkpoint=False)
+    config.task.update(train_limit=128, eval_limit=8)
+    config.eval.update(batch_size=8)
+    return config
