@@ -30,7 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=10, checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,
         use_memory=True,  # False: the "memory disabled" ablation (same modules, each segment sees only itself)
     ))
-    c.eval = ml_collections.ConfigDict(dict(enabled=True, batch_size=32, max_new_tokens=8))
+    c.eval = ml_collections.ConfigDict(dict(
+        enabled=True, batch_size=32, max_new_tokens=8,
+        baselines=False,  # also score the frozen model (question only, and context in prompt) on the same examples
+    ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.mesh_shard_slots = False
     return c

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 SUBCOMMANDS = ("hotpotqa",)
 
 
-def _load_trained(workdir: Path, cfg):
+def load_trained(workdir: Path, cfg):
     """(memory params, MemoryConfig) exported at the end of training in `workdir`, checked against `cfg`."""
     from gmem_jax.errors import GmemError
     from gmem_jax.memory.config import MemoryConfig
@@ -36,60 +35,23 @@ def _load_trained(workdir: Path, cfg):
     return params, MemoryConfig.from_dict(meta["memory"])
 
 
-def evaluate_systems(config, workdir: Path, baseline_workdir: Path | None, show_progress: bool = True) -> dict:
-    """Scores of every system on the same eval examples: {system: {metric: value}} plus run facts."""
+def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> dict:
     from gmem_jax.training import builders
-    from gmem_jax.training.evaluation import predict
+    from gmem_jax.training.evaluation import compare_systems
 
     mesh = builders.build_mesh(config)
     task = builders.build_task(config)
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
-    split, limit, seed = config.task.eval_split, config.task.eval_limit, config.task.seed
-    ev = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens, show_progress=show_progress)
-    examples = {layout: builders.build_examples(config, builders.build_task(config, layout), tokenizer, split, limit, seed)
-                for layout in ("memory", "none", "prompt")}
-    results, timings = {}, {}
-
-    def run(name, exs, **kw):
-        t0 = time.time()
-        preds = predict(exs, tokenizer, frozen, cfg, desc=name, **ev, **kw)
-        timings[name] = time.time() - t0
-        return preds
-
-    frozen_preds = run("frozen", examples["none"])
-    systems = {"frozen": (frozen_preds, examples["none"]),
-               "in_prompt": (run("in_prompt", examples["prompt"]), examples["prompt"])}
-    params, mcfg = _load_trained(workdir, cfg)
-    systems["memory"] = (run("memory", examples["memory"], mem_params=params, mcfg=mcfg, use_memory=True),
-                         examples["memory"])
+    params, mcfg = load_trained(workdir, cfg)
+    trained = {"memory": (params, mcfg, True)}
     if baseline_workdir is not None:
-        bparams, bmcfg = _load_trained(baseline_workdir, cfg)
-        systems["no_memory"] = (run("no_memory", examples["memory"], mem_params=bparams, mcfg=bmcfg, use_memory=False),
-                                examples["memory"])
-    for name, (preds, exs) in systems.items():
-        for ex in exs:  # locality is judged against the frozen model's own answer to the same query
-            p = preds.get(ex.meta["id"])
-            if p is not None and ex.meta.get("kind") == "locality":
-                p["reference"] = frozen_preds.get(ex.meta["id"], {}).get("answer", "")
-        results[name] = task.score(preds, exs)
-        results[name]["answer_token_acc"] = sum(p["token_em"] for p in preds.values()) / max(len(preds), 1)
-    return {"task": config.task.name, "split": split, "examples": len(examples["memory"]), "backbone": backbone_id,
-            "memory": mcfg.to_dict(), "seconds": timings, "results": results}
-
-
-def markdown_table(report: dict) -> str:
-    systems = list(report["results"])
-    metrics = sorted({m for s in systems for m in report["results"][s]})
-    lines = [f"Task `{report['task']}`, split `{report['split']}`, {report['examples']} examples, backbone "
-             f"`{report['backbone']}`.", "", "| metric | " + " | ".join(systems) + " |",
-             "|---|" + "---|" * len(systems)]
-    for m in metrics:
-        cells = [report["results"][s].get(m) for s in systems]
-        lines.append(f"| {m} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
-    lines.append("")
-    lines.append("Values are percentages (x100).")
-    return "\n".join(lines) + "\n"
+        bparams, bmcfg = load_trained(baseline_workdir, cfg)
+        trained["no_memory"] = (bparams, bmcfg, False)
+    report = compare_systems(config, task_for_layout=lambda lay: builders.build_task(config, lay), tokenizer=tokenizer,
+                             frozen=frozen, cfg=cfg, trained=trained)
+    report.update(task=config.task.name, split=config.task.eval_split, backbone=backbone_id, memory=mcfg.to_dict())
+    return report
 
 
 def _model_main(argv) -> int:
@@ -97,6 +59,7 @@ def _model_main(argv) -> int:
     from ml_collections import config_flags
 
     from gmem_jax.errors import GmemError
+    from gmem_jax.training.evaluation import markdown_table
 
     config = config_flags.DEFINE_config_file("config", None, "configs/X.py used to train the memory")
     workdir = flags.DEFINE_string("workdir", None, "the trained run's directory")
@@ -104,13 +67,13 @@ def _model_main(argv) -> int:
 
     def run(_):
         try:
-            report = evaluate_systems(config.value, Path(workdir.value),
-                                      Path(baseline.value) if baseline.value else None)
+            report = evaluate_workdirs(config.value, Path(workdir.value),
+                                       Path(baseline.value) if baseline.value else None)
         except GmemError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         out = Path(workdir.value)
-        (out / "eval_results.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        (out / "eval_results.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
         (out / "results.md").write_text(markdown_table(report))
         print(markdown_table(report))
         sys.exit(0)

@@ -28,6 +28,12 @@ def run(argv) -> int:
         return 2
     print(json.dumps({k: summary[k] for k in ("steps", "final_train", "eval", "memory_params", "wall_seconds")},
                      indent=1, default=str))
+    if summary.get("eval_baselines"):
+        from gmem_jax.training.evaluation import markdown_table
+
+        print(markdown_table({"results": summary["eval_baselines"], "task": summary["task"],
+                              "split": _CONFIG.value.task.eval_split, "examples": summary["eval_examples"],
+                              "backbone": summary["backbone_id"]}))
     return 0
 
 

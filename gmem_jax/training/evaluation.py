@@ -106,3 +106,55 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
                 p["sp"] = [list(keys[s][j]) for s, j in chosen if keys and keys[s][j] is not None]
             predictions[ex.meta["id"]] = p
     return predictions
+
+
+def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained: dict, show_progress: bool = True
+                    ) -> dict:
+    """Score several systems on the same eval split, in one harness.
+
+    task_for_layout(layout) -> Task; trained: {system name: (memory params, MemoryConfig, use_memory)} for the
+    trained systems ("memory", "no_memory"); the frozen backbone is always scored on the question alone
+    ("frozen") and with as much context as fits in its prompt ("in_prompt"). Locality (ZsRE) is judged against
+    the frozen model's own answers. Returns {"results": {system: metrics}, "seconds": {...}, "examples": n}.
+    """
+    import time
+
+    from gmem_jax.training import builders
+
+    split, limit, seed = config.task.eval_split, config.task.eval_limit, config.task.seed
+    layouts = ("memory", "none", "prompt")
+    examples = {lay: builders.build_examples(config, task_for_layout(lay), tokenizer, split, limit, seed)
+                for lay in layouts}
+    ev = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+              show_progress=show_progress)
+    runs = {"frozen": ("none", {}), "in_prompt": ("prompt", {})}
+    for name, (params, mcfg, use_memory) in trained.items():
+        runs[name] = ("memory", dict(mem_params=params, mcfg=mcfg, use_memory=use_memory))
+    preds, seconds = {}, {}
+    for name, (layout, kw) in runs.items():
+        t0 = time.time()
+        preds[name] = predict(examples[layout], tokenizer, frozen, cfg, desc=name, **ev, **kw)
+        seconds[name] = time.time() - t0
+    task = task_for_layout("memory")
+    results = {}
+    for name, (layout, _) in runs.items():
+        for ex in examples[layout]:
+            p = preds[name].get(ex.meta["id"])
+            if p is not None and ex.meta.get("kind") == "locality":
+                p["reference"] = preds["frozen"].get(ex.meta["id"], {}).get("answer", "")
+        results[name] = task.score(preds[name], examples[layout])
+        results[name]["answer_token_acc"] = float(np.mean([p["token_em"] for p in preds[name].values()]))
+    return {"results": results, "seconds": seconds, "examples": len(examples["memory"]), "predictions": preds}
+
+
+def markdown_table(report: dict) -> str:
+    """A metrics x systems table (percentages) with a caption naming task, split, size and backbone."""
+    systems = list(report["results"])
+    metrics = sorted({m for s in systems for m in report["results"][s]})
+    lines = [f"Task `{report.get('task')}`, split `{report.get('split')}`, {report['examples']} examples, backbone "
+             f"`{report.get('backbone')}`. Values are percentages.", "",
+             "| metric | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for m in metrics:
+        cells = [report["results"][s].get(m) for s in systems]
+        lines.append(f"| {m} | " + " | ".join("" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from gmem_jax.memory.model import count_memory_params, init_memory
 from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.training.data import BatchIterator
-from gmem_jax.training.evaluation import predict
+from gmem_jax.training.evaluation import compare_systems, predict
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 
@@ -129,13 +129,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     train_seconds = time.time() - t_loop
 
     result: dict[str, Any] = {}
+    comparison = None
     if config.eval.enabled:
-        ev = evaluate_run(config, task=task, tokenizer=tokenizer, frozen=frozen, cfg=cfg, mcfg=mcfg,
-                          mem_params=state["params"], use_memory=tc.use_memory, examples=eval_examples,
-                          show_progress=main)
-        result = ev["metrics"]
+        name = "memory" if tc.use_memory else "no_memory"
+        systems = {name: (state["params"], mcfg, tc.use_memory)}
+        if config.eval.baselines:  # the frozen model on the same examples: question only, and context in prompt
+            report = compare_systems(config, task_for_layout=lambda lay: builders.build_task(config, lay),
+                                     tokenizer=tokenizer, frozen=frozen, cfg=cfg, trained=systems,
+                                     show_progress=main)
+            comparison = report["results"]
+            result = comparison[name]
+            preds = report["predictions"][name]
+        else:
+            ev = evaluate_run(config, task=task, tokenizer=tokenizer, frozen=frozen, cfg=cfg, mcfg=mcfg,
+                              mem_params=state["params"], use_memory=tc.use_memory, examples=eval_examples,
+                              show_progress=main)
+            result, preds = ev["metrics"], ev["predictions"]
         if main:
-            _atomic_write_json(workdir / f"eval_{config.task.eval_split}.json", ev)
+            _atomic_write_json(workdir / f"eval_{config.task.eval_split}.json",
+                               {"metrics": result, "baselines": comparison, "predictions": preds})
     final = {}
     # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
     usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
@@ -153,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "memory_overhead": count_memory_params(state["params"]) / count_params(frozen),
         "task": config.task.name, "use_memory": bool(tc.use_memory), "steps": int(step),
         "resumed_from_step": start_step if restored is not None else None,
-        "final_train": final, "eval": result, "eval_examples": len(eval_examples),
+        "final_train": final, "eval": result, "eval_baselines": comparison, "eval_examples": len(eval_examples),
         "train_examples": len(train_examples),
         "train_tokens_per_second": (step - start_step) * tokens_per_step / max(train_seconds, 1e-9),
         "train_seconds": train_seconds, "wall_seconds": time.time() - t_start,
