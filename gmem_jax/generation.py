@@ -1,0 +1,231 @@
+"""Autoregressive generation with a preallocated KV cache: one jitted prefill + `lax.while_loop` decode.
+
+Layout of a batch: prompts are LEFT-padded [B, P] with a bool mask; every call feeds a block of tokens into the
+cache at the shared `cache_index` (so rows stay aligned), with per-row positions = next_position +
+cumsum(mask) - 1 (what transformers does for left padding) and `kv_mask` marking which cache slots hold real
+tokens. After a row emits an EOS / stop id it keeps being stepped (static shapes) but its slots are masked out,
+its position stops advancing and its output is padded; the loop exits early once every row has stopped.
+
+The last sampled token of each row is not yet in the cache: `DecodeState.last_token` holds it, and `extend`
+feeds it first, followed by new tokens (e.g. a memory-query result spliced in after a stop id), then continues
+decoding into the same cache. Nothing of the prompt is ever recomputed.
+
+`hooks` (static) maps `hook_state` (a traced pytree) to the extra `forward` keyword arguments
+(layer_hook / hook_layer / final_hook): every prefilled and decoded token goes through them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gmem_jax.backbones.config import BackboneConfig
+from gmem_jax.backbones.model import forward, init_cache, lm_logits
+from gmem_jax.errors import GmemError
+
+Hooks = Callable[[Any], dict]  # hook_state -> dict(layer_hook=..., hook_layer=int, final_hook=...)
+
+
+class DecodeState(NamedTuple):
+    cache: dict  # {'k','v': [L, B, S, K, E]}
+    cache_index: jax.Array  # [] int32: next free cache slot (shared by all rows)
+    kv_mask: jax.Array  # [B, S] bool: slots holding real tokens
+    next_position: jax.Array  # [B] int32: position the pending token will get
+    last_token: jax.Array  # [B] int32: last generated token, not yet in the cache (fed first by `extend`)
+
+
+class GenerationResult(NamedTuple):
+    tokens: jax.Array  # [B, max_new_tokens] int32, padded with pad_id after a row stopped
+    lengths: jax.Array  # [B] int32: generated tokens per row, including the EOS / stop id that ended it
+    stopped: jax.Array  # [B] bool: the row ended with an EOS / stop id (False: it hit max_new_tokens)
+    state: DecodeState  # for `extend`
+
+
+def empty_state(cfg: BackboneConfig, batch: int, cache_len: int) -> DecodeState:
+    """A fresh cache of `cache_len` slots with nothing in it."""
+    return DecodeState(
+        cache=init_cache(cfg, batch, cache_len),
+        cache_index=jnp.zeros((), jnp.int32),
+        kv_mask=jnp.zeros((batch, cache_len), bool),
+        next_position=jnp.zeros((batch,), jnp.int32),
+        last_token=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *, greedy: bool
+                 ) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32. Greedy argmax, or sampling from softmax(logits / temperature)
+    restricted to the nucleus: the most likely tokens whose cumulative probability reaches top_p."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # a token is in the nucleus if the mass strictly before it is < top_p (so the top token always is)
+    in_nucleus = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    cutoff = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _feed(params, cfg, state: DecodeState, tokens, mask, hooks, hook_state):
+    """Write tokens [B, T] (mask [B, T]) into the cache; return (new state, logits [B, V] at each row's last
+    real token)."""
+    B, T = tokens.shape
+    positions = jnp.maximum(state.next_position[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
+    kv_mask = jax.lax.dynamic_update_slice(state.kv_mask, mask, (0, state.cache_index))
+    out = forward(params, tokens, cfg, positions=positions, kv_mask=kv_mask, cache=state.cache,
+                  cache_index=state.cache_index, compute_logits=False, **(hooks(hook_state) if hooks else {}))
+    last = T - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # the last True column (left or right padding)
+    logits = lm_logits(params, out.hidden[jnp.arange(B), last], cfg)  # only the positions we sample from
+    new_state = DecodeState(out.cache, state.cache_index + T, kv_mask,
+                            state.next_position + mask.sum(axis=1, dtype=jnp.int32), state.last_token)
+    return new_state, logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "hooks", "greedy", "pad_id"),
+                   donate_argnames=("state",))
+def _run(params, hook_state, state, tokens, mask, rng, temperature, top_p, stop_set, *, cfg, max_new_tokens,
+         hooks, greedy, pad_id):
+    """Feed tokens [B, T] into the cache, then decode up to max_new_tokens (the first from the feed's logits)."""
+    B = tokens.shape[0]
+
+    def is_stop(t):  # [B] -> [B] bool
+        return (t[:, None] == stop_set[None, :]).any(-1)
+
+    state, logits = _feed(params, cfg, state, tokens, mask, hooks, hook_state)
+    rng, sub = jax.random.split(rng)
+    tok = sample_token(logits, sub, temperature, top_p, greedy=greedy)
+    out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    init = (state._replace(last_token=tok), out, jnp.ones((B,), jnp.int32), is_stop(tok), rng, jnp.int32(1))
+
+    def cond(carry):
+        *_, done, _, step = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def step_fn(carry):
+        state, out, lengths, done, rng, step = carry
+        active = ~done
+        # stopped rows still run (static shapes) but their slot is masked and their position does not advance
+        state, logits = _feed(params, cfg, state, state.last_token[:, None], active[:, None], hooks, hook_state)
+        rng, sub = jax.random.split(rng)
+        tok = sample_token(logits, sub, temperature, top_p, greedy=greedy)
+        out = out.at[:, step].set(jnp.where(active, tok, pad_id))
+        state = state._replace(last_token=jnp.where(active, tok, state.last_token))
+        return state, out, lengths + active, done | (active & is_stop(tok)), rng, step + 1
+
+    state, out, lengths, done, _, _ = jax.lax.while_loop(cond, step_fn, init)
+    return GenerationResult(out, lengths, done, state)
+
+
+def _stop_set(cfg: BackboneConfig, eos_ids, stop_ids) -> jax.Array:
+    ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids) + tuple(stop_ids or ())
+    return jnp.asarray(ids or (-1,), jnp.int32)  # -1 never matches: no stopping
+
+
+def _check_block(cfg, tokens, mask, what: str):
+    tokens, mask = np.asarray(tokens), np.asarray(mask)
+    if tokens.ndim != 2 or mask.shape != tokens.shape:
+        raise GmemError(f"{what} tokens {list(tokens.shape)} and mask {list(mask.shape)} must both be [batch, len]")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise GmemError(f"{what} tokens have dtype {tokens.dtype}; pass integer token ids")
+    real = tokens[mask.astype(bool)]
+    if real.size and (real.min() < 0 or real.max() >= cfg.vocab_size):
+        raise GmemError(f"{what} token ids span [{real.min()}, {real.max()}] outside the vocabulary "
+                        f"[0, {cfg.vocab_size}); the tokenizer does not match the model")
+
+
+def _decode_call(params, cfg, state, tokens, mask, cache_index: int, max_position: int, *, max_new_tokens, rng,
+                 temperature, top_p, eos_ids, hooks, hook_state, stop_ids, pad_id):
+    """Validate the host-side arguments once, then run the jitted feed + decode loop."""
+    if max_new_tokens < 1:
+        raise GmemError(f"max_new_tokens={max_new_tokens}; it must be >= 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise GmemError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
+    greedy = temperature == 0
+    if not greedy and rng is None:
+        raise GmemError("sampling (temperature > 0) needs an rng key, e.g. rng=jax.random.key(seed)")
+    S, T = state.kv_mask.shape[1], tokens.shape[1]
+    if cache_index + T + max_new_tokens - 1 > S:
+        raise GmemError(f"the KV cache has {S} slots, {cache_index} used; {T} new tokens + {max_new_tokens} "
+                        f"generated do not fit: pass a larger cache_len to generate")
+    if cfg.arch == "gpt2" and max_position + T + max_new_tokens - 1 > cfg.max_position_embeddings:
+        raise GmemError(f"{max_position + T + max_new_tokens - 1} positions exceed GPT-2's "
+                        f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or max_new_tokens")
+    if pad_id is None:
+        eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    return _run(params, hook_state, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                jax.random.key(0) if rng is None else rng, jnp.float32(max(temperature, 1e-6)),
+                jnp.float32(top_p), _stop_set(cfg, eos_ids, stop_ids), cfg=cfg, max_new_tokens=int(max_new_tokens),
+                hooks=hooks, greedy=greedy, pad_id=int(pad_id))
+
+
+def generate(
+    params: dict,
+    cfg: BackboneConfig,
+    prompt_tokens,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    rng: Optional[jax.Array] = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_ids: Optional[Sequence[int]] = None,
+    hooks: Optional[Hooks] = None,
+    hook_state: Any = None,
+    stop_ids: Optional[Sequence[int]] = None,
+    cache_len: Optional[int] = None,
+    pad_id: Optional[int] = None,
+) -> GenerationResult:
+    """Generate up to max_new_tokens after left-padded prompts.
+
+    prompt_tokens [B, P] int, prompt_mask [B, P] bool (True = real token; each row needs one). temperature 0 is
+    greedy; otherwise sample with `rng` and nucleus `top_p`. eos_ids (default cfg.eos_token_ids; () = never stop)
+    and stop_ids end a row (the id is reported in `tokens` and counted in `lengths`). hooks/hook_state: see
+    module docstring; `hooks` is a static jit argument, so pass the same function object each call.
+    cache_len: KV-cache slots (default P + max_new_tokens); make it larger to `extend` later.
+    pad_id: fills rows after they stop (default cfg.pad_token_id, else the first eos id, else 0).
+    """
+    _check_block(cfg, prompt_tokens, prompt_mask, "prompt")
+    B, P = np.shape(prompt_tokens)
+    if not np.asarray(prompt_mask).any(axis=1).all():
+        raise GmemError("a prompt row has no real tokens (its mask is all False); give every row a prompt")
+    state = empty_state(cfg, B, cache_len or P + max_new_tokens)
+    return _decode_call(params, cfg, state, prompt_tokens, prompt_mask, 0, 0, max_new_tokens=max_new_tokens,
+                        rng=rng, temperature=temperature, top_p=top_p, eos_ids=eos_ids, hooks=hooks,
+                        hook_state=hook_state, stop_ids=stop_ids, pad_id=pad_id)
+
+
+def extend(
+    params: dict,
+    cfg: BackboneConfig,
+    state: DecodeState,
+    new_tokens,
+    new_mask=None,
+    *,
+    max_new_tokens: int,
+    rng: Optional[jax.Array] = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_ids: Optional[Sequence[int]] = None,
+    hooks: Optional[Hooks] = None,
+    hook_state: Any = None,
+    stop_ids: Optional[Sequence[int]] = None,
+    pad_id: Optional[int] = None,
+) -> GenerationResult:
+    """Continue from `state` (consumed: its cache buffers are donated): feed each row's pending last token, then
+    new_tokens [B, N] (mask [B, N], default all True; N may be 0), then decode up to max_new_tokens more.
+    Every row restarts decoding, including rows that had stopped."""
+    B = state.last_token.shape[0]
+    new_tokens = np.asarray(new_tokens, np.int32).reshape(B, -1)
+    new_mask = np.ones(new_tokens.shape, bool) if new_mask is None else np.asarray(new_mask, bool)
+    _check_block(cfg, new_tokens, new_mask, "new")
+    tokens = jnp.concatenate([state.last_token[:, None], jnp.asarray(new_tokens)], axis=1)
+    mask = jnp.concatenate([jnp.ones((B, 1), bool), jnp.asarray(new_mask)], axis=1)
+    return _decode_call(params, cfg, state, tokens, mask, int(state.cache_index), int(state.next_position.max()),
+                        max_new_tokens=max_new_tokens, rng=rng, temperature=temperature, top_p=top_p,
+                        eos_ids=eos_ids, hooks=hooks, hook_state=hook_state, stop_ids=stop_ids, pad_id=pad_id)
