@@ -22,12 +22,14 @@ SUBCOMMANDS = ("hotpotqa",)
 
 
 def load_trained(workdir: Path, cfg):
-    """(memory params, MemoryConfig) exported at the end of training in `workdir`, checked against `cfg`."""
+    """(memory params, MemoryConfig) exported at the end of training, checked against `cfg`. `workdir` is a
+    training run's directory or its memory_export folder."""
     from gmem_jax.errors import GmemError
     from gmem_jax.memory.config import MemoryConfig
     from gmem_jax.training.checkpoint import import_params
 
-    params, meta = import_params(workdir / "memory_export")
+    export = workdir / "memory_export" if (workdir / "memory_export").is_dir() else workdir
+    params, meta = import_params(export)
     if meta.get("backbone_fingerprint") != cfg.fingerprint():
         raise GmemError(f"the memory in {workdir} was trained on backbone {meta.get('backbone_id')} (fingerprint "
                         f"{meta.get('backbone_fingerprint')}), not this config's ({cfg.fingerprint()}); evaluate it "

@@ -1,7 +1,11 @@
 """Command line generation with a frozen backbone.
 
     python -m gmem_jax.generate --model PATH_OR_HUB_ID_OR_GGUF --prompt "..." --max-new-tokens 32 \
-        [--temperature 0.8 --top-p 0.95 --seed 0 --dtype bfloat16] [--json]
+        [--temperature 0.8 --top-p 0.95 --seed 0 --dtype bfloat16] [--json] \
+        [--memory-checkpoint RUN/memory_export --context "text written into memory first" --segment-len 128]
+
+With --memory-checkpoint, the trained memory is attached: --context is split into segments of --segment-len
+tokens and written into the memory, then every prompt and generated token reads it.
 
 Prints the continuation (or, with --json, one JSON object: token_ids, text, ...). Problems the user can fix are
 reported as one line on stderr with exit status 2.
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from gmem_jax.errors import GmemError
@@ -27,7 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute and weight dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of plain text")
+    p.add_argument("--memory-checkpoint", default=None,
+                   help="a trained memory (the memory_export folder of a training run) to attach")
+    p.add_argument("--context", default=None, help="text written into the memory before generating")
+    p.add_argument("--segment-len", type=int, default=128, help="tokens per memory segment for --context")
     return p
+
+
+def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer):
+    """(hooks, hook_state) that make generation read a memory holding --context, or (None, None)."""
+    if args.memory_checkpoint is None:
+        if args.context is not None:
+            raise GmemError("--context needs --memory-checkpoint (a trained memory to write it into)")
+        return None, None
+    import jax
+    import numpy as np
+
+    from gmem_jax.evaluate import load_trained
+    from gmem_jax.memory.model import initial_state, write_context
+    from gmem_jax.training.evaluation import generation_hooks
+
+    mem_params, mcfg = load_trained(Path(args.memory_checkpoint), cfg)
+    if args.context:
+        ids = tokenizer(args.context, add_special_tokens=False)["input_ids"]
+        T = args.segment_len
+        n = max(1, -(-len(ids) // T))
+        tokens, mask = np.zeros((1, n, T), np.int32), np.zeros((1, n, T), bool)
+        for k in range(n):
+            chunk = ids[k * T:(k + 1) * T]
+            tokens[0, k, :len(chunk)], mask[0, k, :len(chunk)] = chunk, True
+        state = jax.jit(write_context, static_argnums=(4, 5))(mem_params, params, tokens, mask, cfg, mcfg)
+    else:
+        state = initial_state(mem_params, cfg, mcfg, 1)
+    return generation_hooks(cfg, mcfg), (mem_params, state)
 
 
 def load_model(args: argparse.Namespace):
@@ -48,9 +85,11 @@ def run(args: argparse.Namespace) -> dict:
     from gmem_jax.generation import generate
 
     cfg, params, tokenizer = load_model(args)
+    hooks, hook_state = memory_for_generation(args, cfg, params, tokenizer)
     tokens, mask = encode_left_padded(tokenizer, [args.prompt])
     result = generate(params, cfg, tokens, mask, max_new_tokens=args.max_new_tokens,
-                      rng=jax.random.key(args.seed), temperature=args.temperature, top_p=args.top_p)
+                      rng=jax.random.key(args.seed), temperature=args.temperature, top_p=args.top_p,
+                      hooks=hooks, hook_state=hook_state)
     new = np.asarray(result.tokens[0, : int(result.lengths[0])]).tolist()
     return {
         "model": str(args.model),

