@@ -68,6 +68,9 @@ def _model_main(argv) -> int:
     baseline = flags.DEFINE_string("baseline_workdir", None, "a run of the same config with train.use_memory=False")
 
     def run(_):
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)
         try:
             report = evaluate_workdirs(config.value, Path(workdir.value),
                                        Path(baseline.value) if baseline.value else None)

@@ -19,7 +19,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config, metrics,
 
 def run(argv) -> int:
     del argv
+    from absl import logging
+
     from gmem_jax.training.trainer import train
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
 
     try:
         summary = train(_CONFIG.value, _WORKDIR.value)
