@@ -22,7 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
         entropy_weight=0.001, sp_head=False, sp_weight=1.0, dtype="float32",
     ))
     c.task = ml_collections.ConfigDict(dict(
-        name="synthetic", kwargs={}, n_seg=3, seg_len=32, max_sents=8, seed=0,
+        name="synthetic", kwargs={},
+        train_kwargs={},  # options that apply to the training split only (merged over kwargs)
+        n_seg=3, seg_len=32, max_sents=8, seed=0,
         train_split="train", eval_split="dev", train_limit=None, eval_limit=None,
     ))
     c.train = ml_collections.ConfigDict(dict(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -137,18 +138,28 @@ def lm_loss(lora: dict, frozen: dict, batch: dict, cfg: BackboneConfig, alpha: f
     return loss, {"loss": loss, "token_acc": acc, "targets": weight.sum()}
 
 
-def make_lora_train_step(cfg: BackboneConfig, optimizer: optax.GradientTransformation, alpha: float):
-    """Jitted `train_step(state, frozen, batch) -> (state, metrics)`; state = init_train_state(nested lora, opt)
-    is donated, `frozen` is only read (gradients are taken w.r.t. state['params'] alone)."""
+@functools.lru_cache(maxsize=8)
+def make_lora_train_step(cfg: BackboneConfig, settings: LoraTrainConfig):
+    """Jitted `train_step(state, frozen, batch) -> (state, metrics)` with `lora_optimizer(settings)`; state =
+    init_train_state(nested lora, optimizer) is donated, `frozen` is only read (gradients are taken w.r.t.
+    state['params'] alone). Cached per (cfg, settings), so runs with the same settings share one compile."""
+    optimizer = lora_optimizer(settings)
 
     def train_step(state, frozen, batch):
-        grads, metrics = jax.grad(lm_loss, has_aux=True)(state["params"], frozen, batch, cfg, alpha)
+        grads, metrics = jax.grad(lm_loss, has_aux=True)(state["params"], frozen, batch, cfg, settings.alpha)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(train_step, donate_argnums=(0,))
+
+
+def lora_optimizer(settings: LoraTrainConfig) -> optax.GradientTransformation:
+    """The project's AdamW (`make_optimizer`) with the run's schedule and regularisation."""
+    return make_optimizer(learning_rate=settings.learning_rate, total_steps=settings.steps,
+                          warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay,
+                          clip_norm=settings.clip_norm)
 
 
 def encode_train_data(records: Sequence, tokenizer, settings: LoraTrainConfig, *, pad_id: int, eos_id: int
@@ -187,13 +198,10 @@ def train_lora(cfg: BackboneConfig, frozen: dict, tokenizer, records: Sequence, 
     rows = encode_train_data(records, tokenizer, settings, pad_id=eos_id if pad_id is None else pad_id,
                              eos_id=int(eos_id))
 
-    optimizer = make_optimizer(learning_rate=settings.learning_rate, total_steps=settings.steps,
-                               warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay,
-                               clip_norm=settings.clip_norm)
     schedule = make_schedule(learning_rate=settings.learning_rate, total_steps=settings.steps,
                              warmup_steps=settings.warmup_steps)
     lora = nest_lora(init_lora(cfg, settings.rank, settings.targets, jax.random.PRNGKey(settings.seed)))
-    state = init_train_state(lora, optimizer)
+    state = init_train_state(lora, lora_optimizer(settings))
     identity = checkpoint.run_identity(backbone_id, cfg.fingerprint(), lora)
     store = checkpoint.CheckpointStore(workdir / "checkpoints", keep=2)
     iterator = BatchIterator(rows, settings.batch_size, seed=settings.seed)
@@ -204,7 +212,7 @@ def train_lora(cfg: BackboneConfig, frozen: dict, tokenizer, records: Sequence, 
         _check_settings(extra["settings"], settings, workdir / "checkpoints")
         iterator.restore(extra["data"])
         start_step = int(state["step"])
-    train_step = make_lora_train_step(cfg, optimizer, settings.alpha)
+    train_step = make_lora_train_step(cfg, settings)
     monitor = Monitor(workdir, settings.steps, tokens_per_step=settings.batch_size * settings.max_len,
                       resume_step=start_step if restored is not None else None)
     watcher = checkpoint.install_preemption_handler()

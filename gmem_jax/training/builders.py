@@ -40,8 +40,11 @@ def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return sharding.make_mesh(dict(config.mesh))
 
 
-def build_task(config: ml_collections.ConfigDict, layout: str | None = None):
+def build_task(config: ml_collections.ConfigDict, layout: str | None = None, *, train: bool = False):
+    """The task object; `train=True` merges task.train_kwargs (e.g. which ZsRE kinds to train on)."""
     kwargs = dict(config.task.kwargs)
+    if train:
+        kwargs.update(dict(config.task.get("train_kwargs", {})))
     if layout is not None:
         kwargs["layout"] = layout
     return get_task(config.task.name, **kwargs)

@@ -67,7 +67,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
     mcfg = builders.build_memory_config(config, cfg)
-    train_examples = builders.build_examples(config, task, tokenizer, config.task.train_split, config.task.train_limit,
+    train_examples = builders.build_examples(config, builders.build_task(config, train=True), tokenizer, config.task.train_split, config.task.train_limit,
                                              config.task.seed)
     eval_examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
                                             config.task.seed)
