@@ -126,3 +126,36 @@ def _tiny_config():
     config.task.update(train_limit=128, eval_limit=8)
     config.eval.update(batch_size=8)
     return config
+
+
+def test_two_processes_train_checkpoint_and_resume(tmp_path):
+    """Two processes on loopback, 4 CPU devices each (one 8-device mesh): train, checkpoint, then resume to a
+    longer run; the result equals a single-process 8-device run of the same length."""
+    import socket
+
+    def launch(steps):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = []
+        for pid in range(2):
+            env = run_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                          JAX_PROCESS_ID=str(pid))
+            procs.append(subprocess.Popen(train_cmd(tmp_path / "multi", f"--config.train.steps={steps}",
+                                                    "--config.mesh.data=2", "--config.mesh.fsdp=4"),
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                          cwd=Path(TINY).parents[1]))
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err[-3000:]
+
+    launch(8)
+    assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    launch(12)  # resumes from step 8
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["devices"] == 8 and summary["resumed_from_step"] == 8
+    run_train(tmp_path / "single", "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
+    a, b = exported(tmp_path / "multi"), exported(tmp_path / "single")
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert [m["step"] for m in metrics(tmp_path / "multi")] == [m["step"] for m in metrics(tmp_path / "single")]
