@@ -22,6 +22,7 @@ from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import forward_segments, initial_state, memory_hooks, write_context
 from gmem_jax.tasks.base import SegmentedExample, collate
+from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
 from gmem_jax.tasks.metrics import clean_generation
 
 
@@ -101,9 +102,7 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             p = {"answer": clean_generation(tokenizer.decode(ids, skip_special_tokens=True)),
                  "token_em": float((hit[i] & weight[i]).sum() / max(weight[i].sum(), 1))}
             if sp_logits is not None:
-                chosen = np.argwhere(np.asarray(sp_logits[i]) > 0.0)  # sigmoid > 0.5
-                keys = ex.meta.get("sent_keys") or []
-                p["sp"] = [list(keys[s][j]) for s, j in chosen if keys and keys[s][j] is not None]
+                p["sp"] = supporting_facts_from_scores(ex, jax.nn.sigmoid(np.asarray(sp_logits[i])))
             predictions[ex.meta["id"]] = p
     return predictions
 

@@ -1,0 +1,59 @@
+"""Every task end to end on a few shared records: examples -> a tiny random model with memory -> predictions ->
+the task's full metric set (the numbers are meaningless; the pipeline and the metric names are the point)."""
+import jax
+import pytest
+
+from gmem_jax.backbones import BackboneConfig, init_params
+from gmem_jax.memory.config import MemoryConfig
+from gmem_jax.memory.model import init_memory
+from gmem_jax.tasks.registry import get_task
+from gmem_jax.tasks.tokenizers import load_tokenizer
+from gmem_jax.training.evaluation import predict
+
+HOTPOT_KEYS = {"em", "f1", "prec", "recall", "sp_em", "sp_f1", "sp_prec", "sp_recall", "joint_em", "joint_f1",
+               "joint_prec", "joint_recall"}
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(shared_data):
+    return load_tokenizer(shared_data / "tokenizers" / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = BackboneConfig(arch="gpt2", vocab_size=50257, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                         head_dim=16, intermediate_size=64, max_position_embeddings=256, norm_eps=1e-5,
+                         tie_word_embeddings=True, attention_bias=True, mlp_bias=True)
+    mcfg = MemoryConfig(num_slots=8, mem_dim=16, num_heads=2, sp_head=True, loss_positions=32)
+    return cfg, init_params(cfg, jax.random.PRNGKey(0)), mcfg, init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+
+
+def _cases(data):
+    return {
+        "hotpotqa": (dict(source=str(data / "hotpotqa" / "dev_distractor_23.json")), "validation", HOTPOT_KEYS),
+        "zsre": (dict(source=str(data / "zsre" / "zsre_mend_edit_837.json")), "dev",
+                 {"reliability_em", "generalization_em", "locality_em", "portability_em", "locality",
+                  "reliability_token_em", "generalization_token_em", "portability_token_em"}),
+        "babilong": (dict(source=str(data / "babi" / "en-10k"), tasks=(1, 2), target_tokens=300,
+                          filler=str(data / "text" / "wikitext-2" / "valid.txt")), "test",
+                     {"em", "qa1_len300_em", "qa2_len300_em"}),
+        "synthetic": (dict(hops=(1, 2)), "dev", {"em", "hop1_em", "hop2_em", "chance"}),
+    }
+
+
+@pytest.mark.parametrize("name", ["hotpotqa", "zsre", "babilong", "synthetic"])
+def test_task_end_to_end_gives_full_metric_set(name, shared_data, gpt2_tok, model):
+    cfg, frozen, mcfg, mem = model
+    kwargs, split, keys = _cases(shared_data)[name]
+    task = get_task(name, **kwargs)
+    examples = task.examples(split, gpt2_tok, n_seg=4, seg_len=96, max_sents=12, limit=8)
+    preds = predict(examples, gpt2_tok, frozen, cfg, mem_params=mem, mcfg=mcfg, batch_size=8, max_new_tokens=4,
+                    show_progress=False)
+    if name == "zsre":  # locality is scored against the frozen model's own answers
+        frozen_preds = predict(examples, gpt2_tok, frozen, cfg, batch_size=8, max_new_tokens=4, show_progress=False)
+        for ex in examples:
+            preds[ex.meta["id"]]["reference"] = frozen_preds[ex.meta["id"]]["answer"]
+    assert set(preds) == {e.meta["id"] for e in examples}
+    scores = task.score(preds, examples)
+    assert keys <= set(scores), sorted(keys - set(scores))
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
