@@ -128,6 +128,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         watcher.uninstall()
     train_seconds = time.time() - t_loop
 
+    # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
+    usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
+    checkpoint.export_params(state["params"], {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
+                                               "backbone_fingerprint": cfg.fingerprint()}, workdir / "memory_export")
     result: dict[str, Any] = {}
     comparison = None
     if config.eval.enabled:
@@ -149,10 +153,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             _atomic_write_json(workdir / f"eval_{config.task.eval_split}.json",
                                {"metrics": result, "baselines": comparison, "predictions": preds})
     final = {}
-    # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
-    usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
-    checkpoint.export_params(state["params"], {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
-                                               "backbone_fingerprint": cfg.fingerprint()}, workdir / "memory_export")
     if main:
         log = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
         final = {k: v for k, v in log[-1].items() if k not in ("time",)} if log else {}
