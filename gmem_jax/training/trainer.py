@@ -123,6 +123,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 save(step)
                 store.wait()
                 raise GmemError(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
+    except BaseException:
+        monitor.close()  # close the progress bar first, so the error is the last line the user sees
+        raise
     finally:
         store.wait()
         watcher.uninstall()
