@@ -32,12 +32,12 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from gmem_jax.errors import GmemError
-from gmem_jax.memllm.calls import WriteCall, format_query, parse_calls
+from gmem_jax.memllm.calls import format_query, parse_calls
 from gmem_jax.memllm.data import examples_from_record
 from gmem_jax.memllm.embed import HashedNgramEmbedder
 from gmem_jax.memllm.store import ReadConfig, ReadQuery, Triple, TripleStore
@@ -249,13 +249,13 @@ def evaluate_memllm(task: ZsRETask, tokenizer, cfg, *, frozen: dict, adapted: Op
 def gold_store_reads(records: Sequence[ZsreRecord], read_config: ReadConfig = ReadConfig()) -> dict:
     """All records' gold triples in ONE store; each record's gold read query (subject>>relation>>): how often
     the first result is its own object, how often it is among the results, and ms per read."""
-    golds = [(rec, t) for rec in records if (t := gold_triple(rec)) is not None]
+    golds = [t for rec in records if (t := gold_triple(rec)) is not None]
     if not golds:
         return {"store_triples": 0}
     with TripleStore(":memory:", read_config=read_config) as store:
-        store.insert([t for _, t in golds])
+        store.insert(golds)
         top1, anywhere, seconds = [], [], []
-        for rec, t in golds:
+        for t in golds:
             t0 = time.perf_counter()
             got = store.read(ReadQuery(t.subject, t.relation, None))
             seconds.append(time.perf_counter() - t0)

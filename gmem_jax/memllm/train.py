@@ -50,12 +50,13 @@ LORA_EXPORT = "lora"  # subfolder of the workdir written by export_params
 SUMMARY = "summary.json"
 _SHARED_DATA = Path(os.environ.get("GMEM_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 DEFAULT_ZSRE = _SHARED_DATA / "zsre" / "zsre_mend_edit_837.json"
+RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")  # settings a resumed run may change
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraTrainConfig:
-    """Everything that defines a LoRA run. Resuming requires the same values except `steps`, `log_every` and
-    `checkpoint_every` (raising `steps` continues training; the LR schedule is then that of the new total)."""
+    """Everything that defines a LoRA run. Resuming requires the same values except RESUMABLE_CHANGES
+    (raising `steps` continues training; the LR schedule is then that of the new total)."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -79,9 +80,6 @@ class LoraTrainConfig:
                 raise GmemError(f"LoRA training {name}={getattr(self, name)}; it must be >= 1")
         if not self.learning_rate > 0 or not self.alpha > 0:
             raise GmemError(f"learning_rate={self.learning_rate} and alpha={self.alpha} must be > 0")
-
-    # Fields that may change between a run and its resumption.
-    RESUMABLE_CHANGES = ("steps", "log_every", "checkpoint_every")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -155,6 +153,19 @@ def make_lora_train_step(cfg: BackboneConfig, settings: LoraTrainConfig):
     return jax.jit(train_step, donate_argnums=(0,))
 
 
+def init_lora_state(cfg: BackboneConfig, settings: LoraTrainConfig) -> dict:
+    """The initial train state {'step', 'params': nested LoRA (init_lora, seeded by settings.seed),
+    'opt_state'}."""
+    return _init_state_program(cfg, settings)(jax.random.PRNGKey(settings.seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _init_state_program(cfg: BackboneConfig, settings: LoraTrainConfig):
+    # One jitted program: run eagerly, every random/zeros op of the adapters and optimizer state compiles alone.
+    return jax.jit(lambda key: init_train_state(nest_lora(init_lora(cfg, settings.rank, settings.targets, key)),
+                                                lora_optimizer(settings)))
+
+
 def lora_optimizer(settings: LoraTrainConfig) -> optax.GradientTransformation:
     """The project's AdamW (`make_optimizer`) with the run's schedule and regularisation."""
     return make_optimizer(learning_rate=settings.learning_rate, total_steps=settings.steps,
@@ -177,7 +188,7 @@ def encode_train_data(records: Sequence, tokenizer, settings: LoraTrainConfig, *
 def _check_settings(saved: dict, settings: LoraTrainConfig, directory: Path) -> None:
     now = settings.to_dict()
     for key in sorted(set(saved) | set(now)):
-        if key not in LoraTrainConfig.RESUMABLE_CHANGES and saved.get(key) != now.get(key):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise GmemError(f"checkpoint in {directory} was trained with {key}={saved.get(key)} but this run has "
                             f"{key}={now.get(key)}: use the same setting or a new --workdir")
 
@@ -200,8 +211,8 @@ def train_lora(cfg: BackboneConfig, frozen: dict, tokenizer, records: Sequence, 
 
     schedule = make_schedule(learning_rate=settings.learning_rate, total_steps=settings.steps,
                              warmup_steps=settings.warmup_steps)
-    lora = nest_lora(init_lora(cfg, settings.rank, settings.targets, jax.random.PRNGKey(settings.seed)))
-    state = init_train_state(lora, lora_optimizer(settings))
+    state = init_lora_state(cfg, settings)
+    lora = state["params"]
     identity = checkpoint.run_identity(backbone_id, cfg.fingerprint(), lora)
     store = checkpoint.CheckpointStore(workdir / "checkpoints", keep=2)
     iterator = BatchIterator(rows, settings.batch_size, seed=settings.seed)

@@ -28,7 +28,7 @@ ANSWERS = ["Oslo", "Lima", "Quito", "Perth", "Accra", "Hanoi", "Dakar", "Sofia"]
 def records():
     raw = [{"subject": s, "src": f"Who founded {s}?", "rephrase": f"Who was the founder of {s}?", "alt": a,
             "loc": "nq question: who wrote the song", "loc_ans": "Paul Simon", "answers": ["x"]}
-           for s, a in zip(SUBJECTS, ANSWERS)]
+           for s, a in zip(SUBJECTS, ANSWERS, strict=True)]
     return normalize_zsre_records(raw, "synthetic")
 
 
@@ -61,39 +61,48 @@ def test_nest_and_flatten_are_inverse():
     assert flatten_lora(nested) == flat
 
 
-def test_training_lowers_loss_and_touches_only_lora(setup, tmp_path):
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """One 6-step run (checkpoints at steps 3 and 6), shared by the tests below."""
     recs, tok, frozen = setup
+    workdir = tmp_path_factory.mktemp("lora_run")
     before = jax.tree.map(lambda x: np.array(x, copy=True), frozen)
-    summary, lora = train_lora(CFG, frozen, tok, recs, tmp_path, SETTINGS, backbone_id="tiny")
+    summary, lora = train_lora(CFG, frozen, tok, recs, workdir, SETTINGS, backbone_id="tiny")
+    return workdir, before, summary, lora
+
+
+def test_training_lowers_loss_and_touches_only_lora(setup, trained):
+    recs, tok, frozen = setup
+    workdir, before, summary, lora = trained
     rows = encode_train_data(recs, tok, SETTINGS, pad_id=0, eos_id=1)
     assert len(rows) == 4 * len(recs) == summary["train_examples"]  # write, 2 reads, locality per record
-    # Untrained LoRA is the identity (b = 0): its loss is the frozen model's; training must lower it a lot.
+    # Untrained LoRA is the identity (b = 0): its loss is the frozen model's; training must lower it.
     init = nest_lora({k: {"a": v["a"], "b": np.zeros_like(v["b"])} for k, v in flatten_lora(lora).items()})
     loss0, loss1 = full_loss(init, frozen, rows, SETTINGS.alpha), full_loss(lora, frozen, rows, SETTINGS.alpha)
     assert loss0 > np.log(50) and loss1 < 0.9 * loss0, (loss0, loss1)
-    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(frozen)):  # frozen tree bitwise unchanged
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(frozen), strict=True):  # frozen: bitwise unchanged
         np.testing.assert_array_equal(np.asarray(a).view(np.uint32), b.view(np.uint32))
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     assert logged[-1]["loss"] < logged[0]["loss"]
     # The export reads back as the trained tree, and refuses a different backbone.
-    flat, config = load_lora(tmp_path / "lora", CFG)
+    flat, config = load_lora(workdir / "lora", CFG)
     assert config["lora"]["targets"] == ["q", "v", "down"] and config["backbone_id"] == "tiny"
     for k, v in flatten_lora(lora).items():
         np.testing.assert_array_equal(flat[k]["a"], v["a"])
         np.testing.assert_array_equal(flat[k]["b"], v["b"])
     with pytest.raises(GmemError, match="fingerprint"):
-        load_lora(tmp_path / "lora", CFG.replace(norm_eps=1e-5))
+        load_lora(workdir / "lora", CFG.replace(norm_eps=1e-5))
 
 
-def test_resume_from_checkpoint_matches_uninterrupted_run(setup, tmp_path):
+def test_resume_from_checkpoint_matches_uninterrupted_run(setup, trained, tmp_path):
     recs, tok, frozen = setup
-    _, straight = train_lora(CFG, frozen, tok, recs, tmp_path / "a", SETTINGS, backbone_id="tiny")
-    train_lora(CFG, frozen, tok, recs, tmp_path / "b", SETTINGS, backbone_id="tiny")
+    workdir, _, _, straight = trained
+    shutil.copytree(workdir, tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")  # as if the run had died after the step-3 checkpoint
     summary, resumed = train_lora(CFG, frozen, tok, recs, tmp_path / "b", SETTINGS, backbone_id="tiny")
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 6
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]  # the resumed log replaces the lines after the checkpoint
