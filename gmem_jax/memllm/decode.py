@@ -124,7 +124,8 @@ class MemoryDecoder:
         reads, writes = [], []
         n_generated, n_calls, done_chars = 0, 0, 0  # done_chars: text before it holds only handled calls
         while True:
-            new = np.asarray(res.tokens[0, :int(res.lengths[0])]).tolist()[:max_new_tokens - n_generated]
+            # slice on the host: a device slice would compile once per distinct length
+            new = np.asarray(res.tokens)[0, :int(res.lengths[0])].tolist()[:max_new_tokens - n_generated]
             out += new
             n_generated += len(new)
             text = self.tokenizer.decode(out)
