@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gmem_jax.tasks.hotpot_metrics import main as hotpotqa_main
 
         return hotpotqa_main(argv[1:])
-    if not argv:
+    if not argv or not argv[0].startswith("-"):  # neither a subcommand nor flags: show the usage
         print(__doc__.strip(), file=sys.stderr)
         return 2
     return _model_main(argv)

@@ -13,6 +13,10 @@ from gmem_jax.errors import GmemError
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+# Files that carry a vocabulary (transformers 5 otherwise builds an EMPTY tokenizer from config.json alone).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(source: Union[str, Path]):
     """A transformers tokenizer for a Hugging Face folder (tokenizer.json / tokenizer_config.json, or GPT-2 style
     vocab.json + merges.txt), a hub id or a .gguf file (never remote code).
@@ -23,6 +27,9 @@ def load_tokenizer(source: Union[str, Path]):
 
     resolved = resolve_source(source)
     path = resolved.path
+    if resolved.kind == "folder" and not any((path / f).is_file() for f in VOCAB_FILES):
+        raise GmemError(f"{path} has no tokenizer files (one of {', '.join(VOCAB_FILES)}); save the "
+                        "tokenizer into the model folder (tokenizer.save_pretrained)")
     try:
         if resolved.kind == "gguf":
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)

@@ -54,7 +54,7 @@ def test_sentences_tokenize_the_same_alone_and_in_context(shared_data, gpt2_tok)
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(GmemError, match="could not load a tokenizer from .*tokenizer.json"):
+    with pytest.raises(GmemError, match="has no tokenizer files"):
         load_tokenizer(tmp_path)
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(GmemError, match="not a .gguf file"):
