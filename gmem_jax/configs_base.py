@@ -26,8 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
         train_kwargs={},  # options that apply to the training split only (merged over kwargs)
         n_seg=3, seg_len=32, max_sents=8, seed=0,
         train_split="train", eval_split="dev",
-        # None = all; placeholders (typed None) so `--config.task.eval_limit=100` can set them
-        train_limit=ml_collections.config_dict.placeholder(int), eval_limit=ml_collections.config_dict.placeholder(int),
+        # None = all examples; typed as int (ml_collections "placeholder") so --config.task.eval_limit=100 works
+        train_limit=ml_collections.config_dict.placeholder(int),
+        eval_limit=ml_collections.config_dict.placeholder(int),
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=50, weight_decay=0.01, clip_norm=1.0, seed=0,
