@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -43,6 +42,7 @@ from gmem_jax.memllm.data import KINDS, build_examples, encode_examples
 from gmem_jax.memllm.lora import init_lora, merge_lora
 from gmem_jax.training import checkpoint
 from gmem_jax.training.data import BatchIterator
+from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import METRICS_FILE, Monitor, read_metrics
 from gmem_jax.training.step import init_train_state, make_optimizer, make_schedule
 
@@ -226,32 +226,11 @@ def train_lora(cfg: BackboneConfig, frozen: dict, tokenizer, records: Sequence, 
     train_step = make_lora_train_step(cfg, settings)
     monitor = Monitor(workdir, settings.steps, tokens_per_step=settings.batch_size * settings.max_len,
                       resume_step=start_step if restored is not None else None)
-    watcher = checkpoint.install_preemption_handler()
-
-    def save(step):
-        store.save(step, state, {"data": iterator.state(), "settings": settings.to_dict(), **identity})
-
-    step, t_loop = start_step, time.time()
-    try:
-        while step < settings.steps:
-            state, metrics = train_step(state, frozen, next(iterator))
-            step += 1
-            if step % settings.log_every == 0 or step == settings.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise GmemError(f"non-finite training metrics {values} at step {step}; stopped without saving "
-                                    "it: lower --lr")
-                monitor.write(step, dict(values, learning_rate=float(schedule(step))))
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save(step)
-            if watcher.should_stop(step):
-                save(step)
-                store.wait()
-                raise GmemError(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
-    finally:
-        store.wait()
-        watcher.uninstall()
-    train_seconds = time.time() - t_loop
+    state, step, train_seconds = run_steps(
+        state, frozen, train_step, lambda: next(iterator), start_step=start_step, total_steps=settings.steps,
+        log_every=settings.log_every, checkpoint_every=settings.checkpoint_every, schedule=schedule,
+        monitor=monitor, store=store, lr_option="--lr",
+        extra=lambda: {"data": iterator.state(), "settings": settings.to_dict(), **identity})
 
     export_config = {"lora": settings.to_dict(), "backbone_id": backbone_id,
                      "backbone_fingerprint": cfg.fingerprint()}

@@ -8,23 +8,21 @@ eval_<split>.json, summary.json, *.png plots.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from gmem_jax.backbones.model import count_params
-from gmem_jax.errors import GmemError
 from gmem_jax.memory.model import count_memory_params, init_memory
 from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.training.data import BatchIterator
 from gmem_jax.training.evaluation import compare_systems, predict
+from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 
@@ -92,44 +90,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         state, extra = restored
         iterator.restore(extra["data"])
         start_step = int(state["step"])
-    watcher = checkpoint.install_preemption_handler()
     tokens_per_step = int(tc.batch_size * config.task.n_seg * config.task.seg_len)
     monitor = Monitor(workdir, tc.steps, main, tokens_per_step=tokens_per_step,
                       resume_step=start_step if restored is not None else None)
     train_step = make_train_step(cfg, mcfg, optimizer, use_memory=tc.use_memory)
 
-    def save(step):
-        store.save(step, state, {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
-
-    step = start_step
-    t_loop = time.time()
-    try:
-        while step < tc.steps:
-            batch = _device_batch(next(iterator), mesh)
-            state, metrics = train_step(state, frozen, batch)
-            step += 1
-            if step % tc.log_every == 0 or step == tc.steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not all(math.isfinite(v) for v in values.values()):
-                    bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-                    raise GmemError(f"non-finite {', '.join(bad)} at step {step}; stopped without saving it (the last "
-                                    f"good checkpoint, step {store.latest_step()}, is kept): lower "
-                                    "train.learning_rate or check the data")
-                values["learning_rate"] = float(schedule(step))
-                monitor.write(step, values)
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                save(step)
-            if watcher.should_stop(step):
-                save(step)
-                store.wait()
-                raise GmemError(f"preempted at step {step}: checkpoint saved; rerun the same command to resume")
-    except BaseException:
-        monitor.close()  # close the progress bar first, so the error is the last line the user sees
-        raise
-    finally:
-        store.wait()
-        watcher.uninstall()
-    train_seconds = time.time() - t_loop
+    state, step, train_seconds = run_steps(
+        state, frozen, train_step, lambda: _device_batch(next(iterator), mesh), start_step=start_step,
+        total_steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, schedule=schedule,
+        monitor=monitor, store=store, lr_option="train.learning_rate",
+        extra=lambda: {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
 
     # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
     usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
