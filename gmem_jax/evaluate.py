@@ -1,13 +1,14 @@
 """`python -m gmem_jax.evaluate ...`
 
-  --config configs/X.py --workdir DIR [--baseline_workdir DIR2] [--config.key=value ...]
+  --config configs/X.py --workdir DIR [--baseline_workdir DIR2] [--output_dir OUT] [--config.key=value ...]
       evaluate the memory trained in DIR on the config's eval split next to its baselines, in one harness:
         memory      the trained memory (context written into memory, every token reads it)
         no_memory   the same trainable modules trained with memory disabled (from --baseline_workdir, a run of
                     the same config with --config.train.use_memory=False)
         frozen      the frozen backbone alone, question only
         in_prompt   the frozen backbone with as much context as fits in its prompt (last segment)
-      writes DIR/eval_results.json and DIR/results.md (a Markdown table).
+      writes eval_results.json and results.md (a Markdown table) to OUT (default DIR). The eval config may
+      differ from the training one where the memory allows it, e.g. a longer context (more segments).
   hotpotqa PRED.json GOLD.json
       the official HotpotQA metrics of a prediction file (prints JSON)
 """
@@ -66,6 +67,8 @@ def _model_main(argv) -> int:
     config = config_flags.DEFINE_config_file("config", None, "configs/X.py used to train the memory")
     workdir = flags.DEFINE_string("workdir", None, "the trained run's directory")
     baseline = flags.DEFINE_string("baseline_workdir", None, "a run of the same config with train.use_memory=False")
+    output_dir = flags.DEFINE_string("output_dir", None, "where eval_results.json and results.md go (default: "
+                                     "--workdir); e.g. one directory per evaluated context length")
 
     def run(_):
         from absl import logging
@@ -77,7 +80,8 @@ def _model_main(argv) -> int:
         except GmemError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        out = Path(workdir.value)
+        out = Path(output_dir.value or workdir.value)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "eval_results.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
         (out / "results.md").write_text(markdown_table(report))
         print(markdown_table(report))

@@ -57,3 +57,30 @@ def test_task_end_to_end_gives_full_metric_set(name, shared_data, gpt2_tok, mode
     scores = task.score(preds, examples)
     assert keys <= set(scores), sorted(keys - set(scores))
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_zsre_frozen_locality_targets_are_the_frozen_models_answers(shared_data, gpt2_tok, model, tmp_path):
+    """train_kwargs.locality_targets='frozen' -> each locality training target is what the frozen model
+    answers to the question alone (the eval's locality reference), computed once and cached in the workdir."""
+    import ml_collections
+
+    from gmem_jax.training import builders
+
+    cfg, frozen, _, _ = model
+    source = str(shared_data / "zsre" / "zsre_mend_edit_837.json")
+    config = ml_collections.ConfigDict(dict(
+        task=dict(name="zsre", kwargs=dict(source=source), train_kwargs=dict(kinds=("locality",),
+                  locality_targets="frozen"), train_split="train", train_limit=3, seed=0, n_seg=2, seg_len=64,
+                  max_sents=4),
+        eval=dict(batch_size=4, max_new_tokens=4)))
+    task = builders.build_train_task(config, gpt2_tok, frozen, cfg, tmp_path)
+    examples = task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
+    alone = get_task("zsre", source=source, kinds=("locality",), layout="none").examples(
+        "train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
+    expected = predict(alone, gpt2_tok, frozen, cfg, batch_size=4, max_new_tokens=4, show_progress=False)
+    assert [ex.meta["answers"] for ex in examples] == [[expected[ex.meta["id"]]["answer"]] for ex in alone]
+    cached = tmp_path / "frozen_locality_targets.json"
+    cached.write_text(cached.read_text().replace(expected[alone[0].meta["id"]]["answer"], "cached", 1))
+    again = builders.build_train_task(config, gpt2_tok, frozen, cfg, tmp_path)  # reuses the cache
+    assert again.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)[0].meta["answers"] == \
+        ["cached"]

@@ -111,19 +111,24 @@ class HotpotQATask(Task):
 
     source: a local file, a {split: file} mapping, a hub id (default: hotpotqa/hotpot_qa, config `hub_config`;
     'dev' means the hub's 'validation') or an iterable of records. `include_titles` adds a " {title}:" line
-    before each paragraph (context tokens, no sentence slot).
+    before each paragraph (context tokens, no sentence slot). `exclude_ids`: question ids to drop, or a HotpotQA
+    file whose ids are dropped (train on one file while evaluating on another that shares questions).
     """
 
     name = "hotpotqa"
 
     def __init__(self, source: Any = HUB_ID, *, hub_config: str = "distractor", include_titles: bool = True,
-                 layout: str = "memory", window: int | None = None, overflow: str = "drop_oldest"):
+                 layout: str = "memory", window: int | None = None, overflow: str = "drop_oldest",
+                 exclude_ids: Sequence[str] | str | None = None):
         super().__init__(layout=layout, window=window, overflow=overflow)
         self.source, self.hub_config, self.include_titles = source, hub_config, include_titles
+        if isinstance(exclude_ids, str):
+            exclude_ids = [r.id for r in load_hotpot_file(exclude_ids)]
+        self.exclude_ids = frozenset(exclude_ids or ())
 
     def records(self, split: str) -> list[HotpotRecord]:
         raw, name = resolve_records(self.source, split, hub_config=self.hub_config, hub_splits=HUB_SPLITS)
-        return normalize_hotpot_records(raw, name)
+        return [r for r in normalize_hotpot_records(raw, name) if r.id not in self.exclude_ids]
 
     def examples(self, split: str, tokenizer: Any, *, n_seg: int, seg_len: int, max_sents: int, seed: int = 0,
                  limit: int | None = None) -> list[SegmentedExample]:

@@ -12,6 +12,14 @@ The edit is the statement "{src} {alt}." in the context; the query is the last s
 baseline: query only) and "prompt" (edit-in-prompt baseline: edit statement + query in the last segment).
 `n_distractor_edits` other edits of the same split can share the context (batch editing).
 
+Training options (train split only; evaluation always uses the real edits):
+  counterfactual_alts=k  each record gives k variants whose new answer is another record's alt (seeded), so
+                         the answer cannot be memorised from the question and only the written edit carries it;
+                         portability is skipped (its answer follows from the real edit).
+  locality_targets       {record index: answer} (or a JSON file of it): the locality target becomes this answer,
+                         e.g. the frozen model's own (`training.builders.frozen_locality_targets`), so training
+                         teaches the memory to leave unrelated questions alone.
+
 Split: dev is a fixed 20% (`dev_fraction`) chosen by ranking records by sha256(split_seed, subject, src, alt),
 so it is the same on every machine and does not depend on the records' order; train is the rest.
 """
@@ -20,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -117,14 +127,22 @@ class ZsRETask(Task):
 
     def __init__(self, source: Any, *, kinds: Sequence[str] = KINDS, n_distractor_edits: int = 0,
                  dev_fraction: float = 0.2, split_seed: int = 0, layout: str = "memory", window: int | None = None,
-                 overflow: str = "drop_oldest"):
+                 overflow: str = "drop_oldest", counterfactual_alts: int = 0,
+                 locality_targets: Mapping[Any, str] | str | None = None):
         super().__init__(layout=layout, window=window, overflow=overflow)
         unknown = set(kinds) - set(KINDS)
         if unknown or not kinds:
             raise GmemError(f"zsre: unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
         if n_distractor_edits < 0:
             raise GmemError(f"zsre: n_distractor_edits={n_distractor_edits} must be >= 0")
+        if counterfactual_alts < 0:
+            raise GmemError(f"zsre: counterfactual_alts={counterfactual_alts} must be >= 0")
         self.source, self.kinds, self.n_distractor_edits = source, tuple(kinds), n_distractor_edits
+        self.counterfactual_alts = counterfactual_alts
+        if isinstance(locality_targets, (str, Path)):
+            locality_targets = json.loads(Path(locality_targets).read_text())
+        self.locality_targets = None if locality_targets is None else {int(k): str(v)
+                                                                        for k, v in locality_targets.items()}
         self.dev_fraction, self.split_seed = dev_fraction, split_seed
         self._records: list[ZsreRecord] | None = None
 
@@ -142,25 +160,50 @@ class ZsRETask(Task):
         records = self.records(split)
         out = []
         for rec in records[:limit]:
-            edits = [rec]
-            if self.n_distractor_edits:
-                rng = np.random.default_rng([seed, rec.index])
-                others = [r for r in records if r.index != rec.index]
-                if len(others) < self.n_distractor_edits:
-                    raise GmemError(f"zsre: {self.n_distractor_edits} distractor edits requested but split {split!r} "
-                                    f"has only {len(others)} other records; lower n_distractor_edits")
-                edits = [others[i] for i in rng.choice(len(others), self.n_distractor_edits, replace=False)]
-                edits.insert(int(rng.integers(len(edits) + 1)), rec)
-            units = sentence_units(tokenizer, [e.statement() for e in edits], keys=[("edit", e.index) for e in edits],
-                                   labels=[float(e is rec) for e in edits])
-            for kind in self.kinds:
-                qa = rec.query(kind)
-                if qa is None:
-                    continue
-                meta = {"id": f"zsre-{rec.index}-{kind}", "task": self.name, "kind": kind, "answers": [qa[1]],
-                        "record_index": rec.index, "subject": rec.subject}
-                out.append(self.build(tokenizer, units, qa[0], qa[1], meta, n_seg=n_seg, seg_len=seg_len,
-                                      max_sents=max_sents))
+            for variant, edited in enumerate(self._variants(rec, records, seed)):
+                out.extend(self._record_examples(edited, records, tokenizer, seed, variant, n_seg=n_seg,
+                                                 seg_len=seg_len, max_sents=max_sents))
+        return out
+
+    def _variants(self, rec: ZsreRecord, records: Sequence[ZsreRecord], seed: int) -> list[ZsreRecord]:
+        """The record itself, or `counterfactual_alts` copies with another record's alt (never its own)."""
+        if not self.counterfactual_alts:
+            return [rec]
+        pool = sorted({r.alt.strip() for r in records} - {rec.alt.strip()})
+        if not pool:
+            raise GmemError("zsre: counterfactual_alts needs at least two different alts in the split")
+        rng = np.random.default_rng([seed, rec.index, 1])
+        return [dataclasses.replace(rec, alt=pool[i]) for i in rng.choice(len(pool), self.counterfactual_alts)]
+
+    def _record_examples(self, rec: ZsreRecord, records: Sequence[ZsreRecord], tokenizer: Any, seed: int,
+                         variant: int, **dims: int) -> list[SegmentedExample]:
+        """One example per kind of one (possibly counterfactual) record; distractor edits drawn from
+        (seed, record index, variant)."""
+        edits = [rec]
+        if self.n_distractor_edits:
+            rng = np.random.default_rng([seed, rec.index] + ([variant] if self.counterfactual_alts else []))
+            others = [r for r in records if r.index != rec.index]
+            if len(others) < self.n_distractor_edits:
+                raise GmemError(f"zsre: {self.n_distractor_edits} distractor edits requested but the split "
+                                f"has only {len(others)} other records; lower n_distractor_edits")
+            edits = [others[i] for i in rng.choice(len(others), self.n_distractor_edits, replace=False)]
+            edits.insert(int(rng.integers(len(edits) + 1)), rec)
+        units = sentence_units(tokenizer, [e.statement() for e in edits], keys=[("edit", e.index) for e in edits],
+                               labels=[float(e is rec) for e in edits])
+        out = []
+        suffix = f"-cf{variant}" if self.counterfactual_alts else ""
+        for kind in self.kinds:
+            qa = rec.query(kind)
+            if qa is None or (kind == "portability" and self.counterfactual_alts):
+                continue
+            if kind == "locality" and self.locality_targets is not None:
+                if rec.index not in self.locality_targets:
+                    raise GmemError(f"zsre: locality_targets has no answer for record {rec.index}; rebuild it "
+                                    "for this split")
+                qa = (qa[0], self.locality_targets[rec.index])
+            meta = {"id": f"zsre-{rec.index}-{kind}{suffix}", "task": self.name, "kind": kind, "answers": [qa[1]],
+                    "record_index": rec.index, "subject": rec.subject}
+            out.append(self.build(tokenizer, units, qa[0], qa[1], meta, **dims))
         return out
 
     def score(self, predictions: Mapping[str, Mapping[str, Any]], examples: Sequence[SegmentedExample]

@@ -40,13 +40,47 @@ def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return sharding.make_mesh(dict(config.mesh))
 
 
-def build_task(config: ml_collections.ConfigDict, layout: str | None = None, *, train: bool = False):
-    """The task object; `train=True` merges task.train_kwargs (e.g. which ZsRE kinds to train on)."""
+def build_task(config: ml_collections.ConfigDict, layout: str | None = None):
+    """The evaluation task (task.kwargs; the training task adds task.train_kwargs: `build_train_task`)."""
     kwargs = dict(config.task.kwargs)
-    if train:
-        kwargs.update(dict(config.task.get("train_kwargs", {})))
     if layout is not None:
         kwargs["layout"] = layout
+    return get_task(config.task.name, **kwargs)
+
+
+def frozen_locality_targets(config: ml_collections.ConfigDict, tokenizer, frozen: dict, cfg: BackboneConfig,
+                            cache: Path | None = None) -> dict[int, str]:
+    """{record index: the frozen model's own greedy answer to the record's locality question, question only}
+    on the training split: the target that teaches the memory to leave unrelated questions alone (ZsRE scores
+    locality as agreement with exactly this answer). Cached as JSON at `cache` (a resumed run reuses it)."""
+    import json
+
+    from gmem_jax.training.evaluation import predict
+
+    if cache is not None and cache.is_file():
+        return {int(k): v for k, v in json.loads(cache.read_text()).items()}
+    kwargs = {**dict(config.task.kwargs), "kinds": ("locality",), "layout": "none"}
+    task = get_task(config.task.name, **kwargs)
+    examples = build_examples(config, task, tokenizer, config.task.train_split, config.task.train_limit,
+                              config.task.seed)
+    preds = predict(examples, tokenizer, frozen, cfg, batch_size=config.eval.batch_size,
+                    max_new_tokens=config.eval.max_new_tokens, desc="frozen locality targets")
+    targets = {int(ex.meta["record_index"]): preds[ex.meta["id"]]["answer"] for ex in examples}
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(targets, indent=1, sort_keys=True))
+        tmp.replace(cache)
+    return targets
+
+
+def build_train_task(config: ml_collections.ConfigDict, tokenizer, frozen: dict, cfg: BackboneConfig,
+                     workdir: Path | None = None):
+    """The training task: task.kwargs + task.train_kwargs, where train_kwargs.locality_targets='frozen' is
+    replaced by the frozen model's own answers (`frozen_locality_targets`, cached in the workdir)."""
+    kwargs = {**dict(config.task.kwargs), **dict(config.task.get("train_kwargs", {}))}
+    if kwargs.get("locality_targets") == "frozen":
+        cache = None if workdir is None else Path(workdir) / "frozen_locality_targets.json"
+        kwargs["locality_targets"] = frozen_locality_targets(config, tokenizer, frozen, cfg, cache)
     return get_task(config.task.name, **kwargs)
 
 

@@ -146,3 +146,15 @@ def test_split_mapping_source(shared_data, distractor_raw):
         task.records("test")
     with pytest.raises(GmemError, match="is not a file"):
         HotpotQATask(shared_data / "nothing.json").records("dev")
+
+
+def test_exclude_ids_drops_questions_shared_with_the_eval_file(shared_data):
+    dev_file = shared_data / "hotpotqa" / "dev_distractor_23.json"
+    full_file = shared_data / "hotpotqa" / "fullwiki_dev500.jsonl"
+    dev_ids = {r["_id"] for r in json.loads(dev_file.read_text())}
+    full_ids = [json.loads(line)["_id"] for line in full_file.read_text().splitlines()]
+    shared = dev_ids & set(full_ids)
+    assert len(shared) == 2  # the two files share these questions: training on them would leak the answers
+    kept = HotpotQATask(full_file, exclude_ids=str(dev_file)).records("train")
+    assert [r.id for r in kept] == [i for i in full_ids if i not in shared]
+    assert len(HotpotQATask(full_file, exclude_ids=sorted(shared)[:1]).records("train")) == 499

@@ -123,3 +123,35 @@ def test_score(zsre_file, gpt2_tok):
     assert scores == pytest.approx({"reliability_em": 1.0, "generalization_em": 0.0, "locality_em": 0.5,
                                     "locality": 0.5, "reliability_token_em": 1.0, "generalization_token_em": 0.5,
                                     "locality_token_em": 0.5})
+
+
+def test_counterfactual_alts_and_locality_targets(zsre_file, gpt2_tok):
+    plain = ZsRETask(zsre_file)
+    records = plain.records("train")
+    targets = {r.index: f"frozen says {r.index}" for r in records[:2]}
+    task = ZsRETask(zsre_file, counterfactual_alts=3, locality_targets=targets)
+    exs = task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, seed=0, limit=2)
+    # 2 records x 3 variants x (reliability, generalization, locality); portability is skipped
+    assert [e.meta["kind"] for e in exs] == ["reliability", "generalization", "locality"] * 6
+    assert len({e.meta["id"] for e in exs}) == len(exs)
+    pool = {r.alt.strip() for r in records}
+    for rec_i, rec in enumerate(records[:2]):
+        for v in range(3):
+            rel, gen, loc = exs[9 * rec_i + 3 * v: 9 * rec_i + 3 * v + 3]
+            alt = rel.meta["answers"][0]
+            assert alt != rec.alt.strip() and alt in pool  # another train record's alt, never its own
+            assert gen.meta["answers"] == [alt]
+            for ex in (rel, gen, loc):  # the written edit states the counterfactual answer
+                assert _segments(gpt2_tok, ex)[0] == f" {rec.src} {alt}."
+            assert _segments(gpt2_tok, rel)[-1] == f"Question: {rec.src}\nAnswer: {alt}<|endoftext|>"
+            assert loc.meta["answers"] == [targets[rec.index]]
+            assert _segments(gpt2_tok, loc)[-1].endswith(f"Answer: {targets[rec.index]}<|endoftext|>")
+    alts = [e.meta["answers"][0] for e in exs if e.meta["kind"] == "reliability"]
+    assert alts == [e.meta["answers"][0] for e in task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4,
+                                                                 seed=0, limit=2) if e.meta["kind"] == "reliability"]
+    assert alts != [e.meta["answers"][0] for e in task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4,
+                                                                 seed=1, limit=2) if e.meta["kind"] == "reliability"]
+    with pytest.raises(GmemError, match="no answer for record"):
+        task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
+    with pytest.raises(GmemError, match="counterfactual_alts"):
+        ZsRETask(zsre_file, counterfactual_alts=-1)

