@@ -40,13 +40,18 @@ def generation_hooks(cfg: BackboneConfig, mcfg: MemoryConfig):
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _memory_pass(mem_params, frozen, batch, cfg, mcfg, use_memory):
-    """Teacher-forced outputs and the memory state after the context segments (all but the last)."""
-    out = forward_segments(mem_params, frozen, batch, cfg, mcfg, use_memory=use_memory)
+    """Teacher-forced outputs of the last segment and the memory state after the context segments (all but the
+    last), which generation continues from."""
     B = batch["tokens"].shape[0]
     if use_memory:
         state = write_context(mem_params, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
     else:
         state = initial_state(mem_params, cfg, mcfg, B)
+    if mcfg.sp_head:  # supporting-fact scores need every segment's sentence states: one full pass
+        out = forward_segments(mem_params, frozen, batch, cfg, mcfg, use_memory=use_memory)
+    else:  # the context was just written: run only the question segment on top of it (half the work)
+        last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in batch.items()}
+        out = forward_segments(mem_params, frozen, last, cfg, mcfg, use_memory=use_memory, state=state)
     return out.predictions[:, -1], out.positions[:, -1], out.sp_logits, state
 
 

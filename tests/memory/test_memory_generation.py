@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gmem_jax import generation
 from gmem_jax.memory.model import forward_segments, write_context
@@ -88,3 +89,22 @@ def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, sha
     # --context without a memory is refused with one line
     assert main(["--model", str(model_dir), "--prompt", "x", "--context", "y"]) == 2
     assert "needs --memory-checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("use_memory", [True, False])
+def test_eval_pass_on_the_written_context_equals_the_full_segment_pass(use_memory):
+    """Evaluation writes the context once and runs only the question segment on top of it; its teacher-forced
+    predictions must equal the last segment of one full forward_segments pass."""
+    from gmem_jax.training.evaluation import _memory_pass
+
+    cfg, frozen = tiny_backbone()
+    mcfg = small_memory(loss_positions=4)
+    mem = perturbed_memory(cfg, mcfg)
+    batch = random_batch(cfg, B=3, N=4, T=8, seed=3)
+    batch["loss_mask"][:, -1, :2] = 1.0 * batch["token_mask"][:, -1, :2]  # the question segment has targets
+    full = forward_segments(mem, frozen, batch, cfg, mcfg, use_memory=use_memory)
+    preds, pos, _, state = _memory_pass(mem, frozen, batch, cfg, mcfg, use_memory)
+    np.testing.assert_array_equal(np.asarray(pos), np.asarray(full.positions[:, -1]))
+    np.testing.assert_array_equal(np.asarray(preds), np.asarray(full.predictions[:, -1]))
+    assert (np.asarray(preds) != np.asarray(forward_segments(perturbed_memory(cfg, mcfg, seed=7), frozen, batch, cfg,
+                                                             mcfg, use_memory=use_memory).predictions[:, -1])).any()
