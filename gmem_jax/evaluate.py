@@ -11,6 +11,8 @@
       differ from the training one where the memory allows it, e.g. a longer context (more segments).
   hotpotqa PRED.json GOLD.json
       the official HotpotQA metrics of a prediction file (prints JSON)
+  plot METRIC OUT.png LABEL=DIR [LABEL=DIR ...]
+      one line per system of METRIC across several eval_results.json (in DIR), e.g. LABEL = the context length
 """
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Sequence
-
-SUBCOMMANDS = ("hotpotqa",)
 
 
 def load_trained(workdir: Path, cfg):
@@ -55,6 +55,24 @@ def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> d
                              frozen=frozen, cfg=cfg, trained=trained)
     report.update(task=config.task.name, split=config.task.eval_split, backbone=backbone_id, memory=mcfg.to_dict())
     return report
+
+
+def _plot_main(argv: Sequence[str]) -> int:
+    from gmem_jax.training.monitor import plot_systems
+
+    if len(argv) < 3 or not all("=" in a for a in argv[2:]):
+        print("usage: python -m gmem_jax.evaluate plot METRIC OUT.png LABEL=DIR [LABEL=DIR ...]", file=sys.stderr)
+        return 2
+    reports = {}
+    for arg in argv[2:]:
+        label, _, d = arg.partition("=")
+        f = Path(d) / "eval_results.json"
+        if not f.is_file():
+            print(f"error: {f} does not exist; run python -m gmem_jax.evaluate --output_dir {d} first", file=sys.stderr)
+            return 2
+        reports[label] = json.loads(f.read_text())
+    print(plot_systems(reports, argv[0], argv[1]))
+    return 0
 
 
 def _model_main(argv) -> int:
@@ -94,10 +112,12 @@ def _model_main(argv) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
+    if argv and argv[0] == "hotpotqa":
         from gmem_jax.tasks.hotpot_metrics import main as hotpotqa_main
 
         return hotpotqa_main(argv[1:])
+    if argv and argv[0] == "plot":
+        return _plot_main(argv[1:])
     if not argv or not argv[0].startswith("-"):  # neither a subcommand nor flags: show the usage
         print(__doc__.strip(), file=sys.stderr)
         return 2

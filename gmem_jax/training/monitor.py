@@ -142,3 +142,39 @@ class Monitor:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def plot_systems(reports: dict[str, dict], metric: str, path: str | Path, *, xlabel: str = "context tokens",
+                 title: str = "") -> Path:
+    """One line per system of `metric` (a fraction, drawn as %) across several evaluations, e.g. the same memory
+    evaluated at several context lengths. reports: {x label: eval_results.json dict}; numeric labels are placed
+    on a log2 axis in numeric order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = all(k.replace(".", "", 1).isdigit() for k in reports)
+    labels = sorted(reports, key=float) if numeric else list(reports)
+    systems = sorted({s for r in reports.values() for s in r["results"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system in systems:
+        pts = [(float(x) if numeric else i, reports[x]["results"].get(system, {}).get(metric))
+               for i, x in enumerate(labels)]
+        pts = [(x, 100 * v) for x, v in pts if v is not None]
+        if not pts:
+            continue
+        ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o", label=system)
+    if numeric:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([float(x) for x in labels], labels)
+    else:
+        ax.set_xticks(range(len(labels)), labels)
+    ax.set(xlabel=xlabel, ylabel=f"{metric} (%)", title=title or metric, ylim=(0, 100))
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -91,3 +91,31 @@ def test_plots(tmp_path):
     with pytest.raises(GmemError, match=r"one value per slot \[slots\], got shape \(2, 3\)"):
         mon.plot(slot_usage=np.ones((2, 3)))
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_evaluate_plot_draws_one_line_per_system(tmp_path, monkeypatch, capsys):
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from gmem_jax.evaluate import main
+
+    for length, mem in ((128, 0.9), (1024, 0.8)):
+        d = tmp_path / f"len{length}"
+        d.mkdir()
+        (d / "eval_results.json").write_text(json.dumps(
+            {"results": {"memory": {"em": mem}, "in_prompt": {"em": 0.5 if length == 128 else 0.1}}}))
+    lines = {}
+    real_plot = plt.Axes.plot
+
+    def spy(self, x, y, *a, **kw):  # record what is drawn
+        lines[kw.get("label")] = (list(x), list(y))
+        return real_plot(self, x, y, *a, **kw)
+
+    monkeypatch.setattr(plt.Axes, "plot", spy)
+    out = tmp_path / "plot.png"
+    assert main(["plot", "em", str(out), f"1024={tmp_path / 'len1024'}", f"128={tmp_path / 'len128'}"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert lines == {"in_prompt": ([128.0, 1024.0], [50.0, 10.0]), "memory": ([128.0, 1024.0], [90.0, 80.0])}
+    assert main(["plot", "em", str(out), f"256={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
