@@ -5,7 +5,9 @@
 *copy* of the layer's weights (visible in the compiled HLO as `dynamic-slice_bitcast_fusion` producing e.g.
 f32[768,3072] inside the while body). A training segment amortises the copy over thousands of tokens; a decode
 step processes one token per row, so it is bound by weight memory traffic and the copy shows directly. This
-script times one GPT-2-124M decode step (1 token, 160-slot cache) both ways and checks they give the same logits.
+script times one GPT-2-124M decode step (1 token, 160-slot cache) both ways and checks they give the same logits:
+`forward` on the stacked tree (the layer scan) and on the per-layer tree from `model.unstack_layers` (a loop
+over static indices; what `generation` decodes with on CPU, the split made once per generate call).
 
     python -m bench.decode_layout [--quick] [--repeats 30]
 """
@@ -18,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from gmem_jax.backbones.layers import Block
-from gmem_jax.backbones.model import embed, final_norm, forward, init_cache, init_params, lm_logits
+from gmem_jax.backbones.model import forward, init_cache, init_params, lm_logits, unstack_layers
 
 
 def main():
@@ -38,25 +39,14 @@ def main():
     kv_mask = jnp.ones((B, S), bool)
 
     @jax.jit
-    def stacked(params, cache, tok):  # the library path
+    def step(params, cache, tok):  # one decode step; the layout of params['layers'] and cache picks the path
         out = forward(params, tok, cfg, kv_mask=kv_mask, cache=cache, cache_index=at, compute_logits=False)
         return lm_logits(params, out.hidden[:, -1], cfg), out.cache
 
-    per_layer = [jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers)]
-    caches = [jax.tree.map(lambda x: x[i], cache) for i in range(cfg.num_layers)]
-
-    @jax.jit
-    def unstacked(params, per_layer, caches, tok):  # the same blocks over separate per-layer arrays
-        pos = jnp.full((B, 1), at)
-        h = embed(params, tok, pos, cfg)
-        new = []
-        for lp, lc in zip(per_layer, caches):
-            h, c = Block(cfg).apply({"params": lp}, h, pos, kv_mask, lc, at)
-            new.append(c)
-        return lm_logits(params, final_norm(params, h, cfg)[:, -1], cfg), new
-
-    run_a = lambda: jax.block_until_ready(stacked(params, cache, tok))
-    run_b = lambda: jax.block_until_ready(unstacked(params, per_layer, caches, tok))
+    per_layer = dict(params, layers=unstack_layers(params["layers"]))
+    caches = unstack_layers(cache)
+    run_a = lambda: jax.block_until_ready(step(params, cache, tok))
+    run_b = lambda: jax.block_until_ready(step(per_layer, caches, tok))
     max_diff = float(np.max(np.abs(np.asarray(run_a()[0]) - np.asarray(run_b()[0]))))
     raw = {"stacked": {"wall": [], "cpu": []}, "per_layer": {"wall": [], "cpu": []}}
     for _ in range(args.repeats):  # interleaved, so load changes hit both

@@ -5,6 +5,8 @@ Same GPT-2 weights everywhere (the torch model saved as safetensors and loaded w
   gmem_jax            `generation.generate`, KV cache, no memory
   gmem_jax + memory   the same with the memory hooks (every prefilled and decoded token reads the memory)
   + memory, no imp.   memory with importance_in_read=False: isolates what the per-slot importance costs a token
+  scan decode         gmem_jax without / with memory, per_layer_decode=False: the decode loop runs the layer scan
+                      over the stacked weights (the default before per-layer decoding; for before/after in one run)
 For each: the time of prompt + 1 token (prefill) and of prompt + G tokens, median of repeats, the systems
 interleaved round by round (so load changes on a shared machine hit all of them); per decoded token
 = (t_G - t_1) / (G - 1), in wall and in process-CPU seconds. Memory overhead per token is measured against
@@ -31,16 +33,16 @@ from gmem_jax.memory.model import init_memory, initial_state
 from gmem_jax.training.evaluation import generation_hooks
 
 
-def jax_runs(frozen, cfg, prompt, G, mcfg=None, mem_params=None) -> dict:
+def jax_runs(frozen, cfg, prompt, G, mcfg=None, mem_params=None, per_layer_decode=None) -> dict:
     """Compile, then return {'run1': prompt + 1 token, 'runG': prompt + G tokens, 'tokens': the G tokens}.
 
     For batch 1 the 1-token run reuses the G-token executable: it passes the first generated token as the stop
     id, so the decode loop exits after it (the stop set is a traced [1] array either way: `eos_ids=()` becomes
     [-1]). Larger batches get a separate 1-token executable (rows may emit different first tokens)."""
     mask = np.ones(prompt.shape, bool)
-    kw = {}
+    kw = {"per_layer_decode": per_layer_decode}
     if mcfg is not None:
-        kw = dict(hooks=generation_hooks(cfg, mcfg),
+        kw.update(hooks=generation_hooks(cfg, mcfg),
                   hook_state=(mem_params, initial_state(mem_params, cfg, mcfg, prompt.shape[0])))
 
     def gen(n, eos_ids):
@@ -115,6 +117,9 @@ def main():
     systems["gmem_jax + memory"] = jax_runs(frozen, cfg, prompt, G, mcfg, mem_params)
     systems["gmem_jax + memory (no importance in read)"] = jax_runs(
         frozen, cfg, prompt, G, mcfg.replace(importance_in_read=False), mem_params)
+    systems["gmem_jax, scan decode"] = jax_runs(frozen, cfg, prompt, G, per_layer_decode=False)
+    systems["gmem_jax + memory, scan decode"] = jax_runs(frozen, cfg, prompt, G, mcfg, mem_params,
+                                                         per_layer_decode=False)
     print(f"  timing {args.repeats} interleaved rounds ...", flush=True)
     times = interleaved_times(systems, args.repeats)
 
@@ -131,21 +136,25 @@ def main():
     hf_name = min((n for n in times if n.startswith("hf")), key=lambda n: per_token(times[n], G))
     ref = systems[hf_name]["tokens"]
     checks = {f"{n}_tokens_match_{hf_name}": float((systems[n]["tokens"] == ref).mean())
-              for n in ("gmem_jax", "gmem_jax + memory")}
+              for n in ("gmem_jax", "gmem_jax + memory", "gmem_jax, scan decode", "gmem_jax + memory, scan decode")}
     overhead = payload["gmem_jax + memory"]["per_token_vs_no_memory"] - 1
     overhead_cpu = payload["gmem_jax + memory"]["per_token_cpu_vs_no_memory"] - 1
     no_imp = payload["gmem_jax + memory (no importance in read)"]
+    scan_overhead = (payload["gmem_jax + memory, scan decode"]["per_token_s"]
+                     / payload["gmem_jax, scan decode"]["per_token_s"] - 1)
     print()
     common.print_table(rows)
     print(f"\nmemory overhead per decoded token (gmem_jax): {100 * overhead:+.1f}% wall, "
           f"{100 * overhead_cpu:+.1f}% CPU "
           f"(without importance in read: {100 * (no_imp['per_token_vs_no_memory'] - 1):+.1f}% wall, "
-          f"{100 * (no_imp['per_token_cpu_vs_no_memory'] - 1):+.1f}% CPU)")
+          f"{100 * (no_imp['per_token_cpu_vs_no_memory'] - 1):+.1f}% CPU); with the scan decode: "
+          f"{100 * scan_overhead:+.1f}% wall")
     print(f"greedy tokens equal to {hf_name}: " + ", ".join(f"{k.split('_tokens')[0]} {100 * v:.0f}%"
                                                            for k, v in checks.items()))
     common.write_result("generation", {"batch": B, "prompt_len": P, "new_tokens": G, "memory_config": mcfg.to_dict(),
                                        "systems": payload, "memory_overhead_per_token": overhead,
-                                       "memory_overhead_per_token_cpu": overhead_cpu, "checks": checks},
+                                       "memory_overhead_per_token_cpu": overhead_cpu,
+                                       "memory_overhead_per_token_scan_decode": scan_overhead, "checks": checks},
                         args.quick)
 
 

@@ -12,6 +12,12 @@ The layer stack is a `lax.scan` over layer indices applying a Linen `Block` to o
 rather than a Linen `nn.scan`, because the memory must run the stack in two parts (up to a chosen layer, then
 the rest) and hook into the residual stream between them (`layer_hook`) or after the final norm
 (`final_hook`) without slicing (copying) the frozen weights.
+
+Decoding uses a second layout of the same tree: `unstack_layers` turns 'layers' (and the KV cache) into a tuple
+of per-layer trees, which `run_layers` then runs with a Python loop over static indices (the same `Block`). On
+XLA:CPU the scan's dynamic index is a copy of the layer's weights at every step; a one-token decode step reads
+each weight once, so the copy made it ~1.7x slower (bench/decode_layout.py). `generation` unstacks once per
+call, outside its decode loop; training and prefill keep the scan.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ _POLICIES = {
 class BackboneOutput(NamedTuple):
     logits: Optional[jax.Array]  # [B, T, V] float32, or None when compute_logits=False
     hidden: jax.Array  # [B, T, D] the final-norm hidden states the LM head reads (after final_hook)
-    cache: Optional[dict]  # {'k','v': [L, B, S, K, E]} when a cache was given
+    cache: Optional[dict | tuple]  # {'k','v': [L, B, S, K, E]} when a cache was given (a tuple of per-layer
+    # {'k','v': [B, S, K, E]} when params['layers'] and the cache were given per layer: see `unstack_layers`)
     layer_aux: Any  # what layer_hook returned as aux (None without a hook)
     final_aux: Any  # what final_hook returned as aux (None without a hook)
 
@@ -86,6 +93,18 @@ def lm_logits(params: dict, hidden: jax.Array, cfg: BackboneConfig) -> jax.Array
     return out.astype(jnp.float32)
 
 
+def unstack_layers(tree) -> tuple:
+    """A tree whose leaves are stacked on a leading layer axis [L, ...] (params['layers'] or a KV cache) -> a
+    tuple of L trees with leaves [...]. Each slice is a copy: do it once, outside a loop (see `run_layers`)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    return tuple(jax.tree.map(lambda x: x[i], tree) for i in range(n))
+
+
+def stack_layers(trees: tuple):
+    """The inverse of `unstack_layers`: a tuple of L trees with leaves [...] -> one tree with leaves [L, ...]."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 def run_layers(
     params: dict,
     h: jax.Array,
@@ -95,30 +114,50 @@ def run_layers(
     *,
     positions: jax.Array,
     kv_mask: jax.Array,
-    cache: Optional[dict] = None,
+    cache: Optional[dict | tuple] = None,
     cache_index: jax.Array | int = 0,
-) -> tuple[jax.Array, Optional[dict]]:
+) -> tuple[jax.Array, Optional[dict | tuple]]:
     """Blocks start..end-1 over the residual stream h [B, T, D]; returns (h, cache).
 
-    The scan runs over layer *indices* and reads each layer's slice of the stacked params (and cache) with a
-    dynamic index, so running a sub-range never copies the frozen weights, and the cache stays in the carry where
-    XLA updates it in place.
+    Stacked params['layers'] (leaves [L, ...]; cache {'k','v': [L, B, S, K, E]}): a scan over layer *indices*
+    that reads each layer's slice with a dynamic index, so running a sub-range never copies the whole stack, and
+    the cache stays in the carry where XLA updates it in place.
+    Per-layer params['layers'] (a tuple from `unstack_layers`; the cache then a tuple of {'k','v': [B, S, K, E]}
+    or None): a Python loop over static indices, unrolled into L copies of the block, that reads the weights
+    where they are. For decoding, where the scan's per-step weight copy costs more than the matmuls.
     """
     if start >= end:
         return h, cache
+
+    def block(layer, h, layer_cache):  # one layer's params / cache [B, S, K, E] -> (h [B, T, D], new layer cache)
+        return Block(cfg).apply({"params": layer}, h, positions, kv_mask, layer_cache, cache_index)
+
+    policy = None if cfg.remat_policy == "none" else _POLICIES[cfg.remat_policy]
+    per_layer = isinstance(params["layers"], tuple)
+    if cache is not None and isinstance(cache, tuple) != per_layer:
+        raise ValueError("params['layers'] and the cache must both be stacked or both per-layer (unstack_layers)")
+    if per_layer:
+        if cfg.remat_policy != "none":  # same activation saving as the scan if someone differentiates this
+            block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+        cache = None if cache is None else list(cache)
+        for i in range(start, end):
+            h, new_layer_cache = block(params["layers"][i], h, None if cache is None else cache[i])
+            if cache is not None:
+                cache[i] = new_layer_cache
+        return h, None if cache is None else tuple(cache)
 
     def body(carry, i):
         h, cache = carry
         layer = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), params["layers"])
         layer_cache = None if cache is None else jax.tree.map(
             lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), cache)
-        h, new_layer_cache = Block(cfg).apply({"params": layer}, h, positions, kv_mask, layer_cache, cache_index)
+        h, new_layer_cache = block(layer, h, layer_cache)
         if cache is not None:
             cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, i, 0), cache, new_layer_cache)
         return (h, cache), None
 
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=_POLICIES[cfg.remat_policy], prevent_cse=False)
+    if cfg.remat_policy != "none":  # around the slicing too, so the backward re-slices rather than saving slices
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     (h, cache), _ = jax.lax.scan(body, (h, cache), jnp.arange(start, end))
     return h, cache
 
@@ -135,7 +174,7 @@ def forward(
     *,
     positions: Optional[jax.Array] = None,
     kv_mask: Optional[jax.Array] = None,
-    cache: Optional[dict] = None,
+    cache: Optional[dict | tuple] = None,
     cache_index: jax.Array | int = 0,
     layer_hook: Optional[Hook] = None,
     hook_layer: int = 0,
@@ -146,15 +185,16 @@ def forward(
 
     tokens: [B, T] int; positions: [B, T] (default cache_index + arange(T)); kv_mask: [B, S] bool, True where a
     key slot holds a real token (S = T without a cache, else the cache length; default all True);
-    cache / cache_index: a preallocated KV cache and where the T new tokens are written.
+    cache / cache_index: a preallocated KV cache and where the T new tokens are written. params['layers'] and
+    the cache may both be per-layer tuples (`unstack_layers`) instead of stacked: same result, for decoding.
     layer_hook is applied to the residual stream entering block `hook_layer` (0 <= hook_layer < L);
     final_hook to the final-norm output before the LM head. Hooks return (h', aux); aux comes back in the output.
     """
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
-    if kv_mask is None:
-        kv_mask = jnp.ones((B, T if cache is None else cache["k"].shape[2]), bool)
+    if kv_mask is None:  # the cache length S: [L, B, S, K, E] stacked, or [B, S, K, E] per layer
+        kv_mask = jnp.ones((B, T if cache is None else jax.tree.leaves(cache)[0].shape[-3]), bool)
     run = functools.partial(run_layers, params, cfg=cfg, positions=positions, kv_mask=kv_mask,
                             cache_index=cache_index)
     h = embed(params, tokens, positions, cfg)

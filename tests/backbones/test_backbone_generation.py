@@ -6,7 +6,7 @@ import pytest
 
 from gmem_jax import generation
 from gmem_jax.backbones.loading import load_backbone
-from gmem_jax.backbones.model import forward
+from gmem_jax.backbones.model import forward, init_cache, stack_layers, unstack_layers
 from gmem_jax.errors import GmemError
 from gmem_jax.generation import extend, generate, sample_token
 from hf_oracle import hf_greedy
@@ -103,6 +103,37 @@ def test_hooks_apply_to_prefill_and_every_decoded_token(llama, highest_precision
         ref = naive_greedy(params, cfg, p, 8, hooks, state)
         assert row(out, b) == ref
         assert ref != naive_greedy(params, cfg, p, 8)  # the hooks really change the continuation
+
+
+def test_per_layer_layout_equals_the_layer_scan(llama, highest_precision):
+    """The decode layout (params['layers'] and the cache unstacked, a loop over static layer indices) gives the
+    scan's logits and cache, for a prefill and a one-token step, both split by a layer hook; and generate /
+    extend emit the same tokens with per_layer_decode on and off."""
+    cfg, params, _ = llama
+    per_layer = dict(params, layers=unstack_layers(params["layers"]))
+    hook = dict(layer_hook=lambda h: (1.5 * h, None), hook_layer=1)
+    tokens = jnp.asarray(random_prompts([7], seed=9))
+    scan = forward(params, tokens[:, :6], cfg, cache=init_cache(cfg, 1, 8), **hook)
+    loop = forward(per_layer, tokens[:, :6], cfg, cache=unstack_layers(init_cache(cfg, 1, 8)), **hook)
+    # 1e-5: the same fp32 ops, but XLA fuses (rounds) the unrolled blocks and the scanned one differently
+    for _ in range(2):  # the prefill (6 tokens), then one decode step into the same caches
+        np.testing.assert_allclose(loop.logits, scan.logits, rtol=1e-5, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                     stack_layers(loop.cache), scan.cache)
+        scan = forward(params, tokens[:, 6:], cfg, cache=scan.cache, cache_index=6, **hook)
+        loop = forward(per_layer, tokens[:, 6:], cfg, cache=loop.cache, cache_index=6, **hook)
+
+    prompts, new = random_prompts([4, 7], seed=10), [[5, 6], [7, 8]]
+    runs = []
+    for on in (True, False):
+        out = generate(params, cfg, *left_pad(prompts), max_new_tokens=8, eos_ids=(), cache_len=24,
+                       per_layer_decode=on)
+        tokens_out = np.asarray(out.tokens)
+        cont = extend(params, cfg, out.state, *left_pad(new), max_new_tokens=6, eos_ids=(), per_layer_decode=on)
+        runs.append((tokens_out, np.asarray(cont.tokens), cont.state.cache))
+    (tok_a, cont_a, cache_a), (tok_b, cont_b, cache_b) = runs
+    assert np.array_equal(tok_a, tok_b) and np.array_equal(cont_a, cont_b)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), cache_a, cache_b)
 
 
 @pytest.mark.parametrize("kind", ["eos_ids", "stop_ids"])
