@@ -21,6 +21,6 @@ def get_config():
                   kwargs=dict(source=f"{DATA}/dev_distractor_23.json"),
                   train_kwargs=dict(source=f"{DATA}/fullwiki_dev500.jsonl",
                                     exclude_ids=f"{DATA}/dev_distractor_23.json"))
-    c.train.update(steps=120, batch_size=4, learning_rate=2e-3, warmup_steps=12, log_every=10, checkpoint_every=60)
+    c.train.update(steps=60, batch_size=4, learning_rate=2e-3, warmup_steps=6, log_every=10, checkpoint_every=30)
     c.eval.update(batch_size=8, max_new_tokens=16, baselines=True)
     return c
