@@ -62,7 +62,9 @@ def _launch(tmp_path, *mode):
     procs = []
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
+               # the worker is a script, not `-m`: make the package importable without relying on the install
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent.parent), os.environ.get("PYTHONPATH")]))}
         procs.append(subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(tmp_path), *mode],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
