@@ -7,7 +7,9 @@
                     the same config with --config.train.use_memory=False)
         frozen      the frozen backbone alone, question only
         in_prompt   the frozen backbone with as much context as fits in its prompt (last segment)
-      writes eval_results.json and results.md (a Markdown table) to OUT (default DIR). The eval config may
+      writes eval_results.json and results.md (a Markdown table) to OUT (default DIR). --reliance_only: only
+      probe whether the memory is relied on (answer-token accuracy reading its own / another example's / the empty
+      memory) and write reliance.json. The eval config may
       differ from the training one where the memory allows it, e.g. a longer context (more segments).
   hotpotqa PRED.json GOLD.json
       the official HotpotQA metrics of a prediction file (prints JSON)
@@ -57,6 +59,21 @@ def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> d
     return report
 
 
+def reliance_workdir(config, workdir: Path) -> dict:
+    """`memory_reliance` of the memory trained in `workdir` on the config's eval examples (memory layout)."""
+    from gmem_jax.training import builders
+    from gmem_jax.training.evaluation import memory_reliance
+
+    mesh = builders.build_mesh(config)
+    task = builders.build_task(config)
+    tokenizer = builders.build_tokenizer(config, task)
+    cfg, frozen, _ = builders.build_backbone(config, mesh, tokenizer)
+    params, mcfg = load_trained(workdir, cfg)
+    examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
+                                       config.task.seed)
+    return memory_reliance(examples, frozen, cfg, params, mcfg, batch_size=config.eval.batch_size)
+
+
 def _plot_main(argv: Sequence[str]) -> int:
     from gmem_jax.training.monitor import plot_systems
 
@@ -85,6 +102,8 @@ def _model_main(argv) -> int:
     config = config_flags.DEFINE_config_file("config", None, "configs/X.py used to train the memory")
     workdir = flags.DEFINE_string("workdir", None, "the trained run's directory")
     baseline = flags.DEFINE_string("baseline_workdir", None, "a run of the same config with train.use_memory=False")
+    probe = flags.DEFINE_bool("reliance_only", False, "only probe whether the trained memory is relied on "
+                              "(training.evaluation.memory_reliance) and write reliance.json")
     output_dir = flags.DEFINE_string("output_dir", None, "where eval_results.json and results.md go (default: "
                                      "--workdir); e.g. one directory per evaluated context length")
 
@@ -93,6 +112,13 @@ def _model_main(argv) -> int:
 
         logging.set_verbosity(logging.WARNING)
         try:
+            if probe.value:
+                out = Path(output_dir.value or workdir.value)
+                out.mkdir(parents=True, exist_ok=True)
+                rel = reliance_workdir(config.value, Path(workdir.value))
+                (out / "reliance.json").write_text(json.dumps(rel, indent=2, sort_keys=True))
+                print(json.dumps(rel, indent=2, sort_keys=True))
+                sys.exit(0)
             report = evaluate_workdirs(config.value, Path(workdir.value),
                                        Path(baseline.value) if baseline.value else None)
         except GmemError as e:

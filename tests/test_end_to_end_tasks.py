@@ -1,6 +1,7 @@
 """Every task end to end on a few shared records: examples -> a tiny random model with memory -> predictions ->
 the task's full metric set (the numbers are meaningless; the pipeline and the metric names are the point)."""
 import jax
+import numpy as np
 import pytest
 
 from gmem_jax.backbones import BackboneConfig, init_params
@@ -84,3 +85,33 @@ def test_zsre_frozen_locality_targets_are_the_frozen_models_answers(shared_data,
     again = builders.build_train_task(config, gpt2_tok, frozen, cfg, tmp_path)  # reuses the cache
     assert again.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)[0].meta["answers"] == \
         ["cached"]
+
+
+def test_memory_reliance_probe(shared_data, gpt2_tok, model):
+    """memory_reliance: a memory at initialisation (injection = identity) changes nothing; a memory whose
+    injection is randomised changes predictions when another example's memory is read, but not when every
+    example wrote the same context."""
+    from gmem_jax.training.evaluation import _memory_pass, memory_reliance
+    from gmem_jax.tasks.base import collate
+
+    cfg, frozen, mcfg, mem = model
+    task = get_task("synthetic", hops=(1,))
+    examples = task.examples("dev", gpt2_tok, n_seg=3, seg_len=48, max_sents=8, limit=8)
+    init = memory_reliance(examples, frozen, cfg, mem, mcfg, batch_size=4)
+    assert init["changed_vs_other"] == 0.0 and init["changed_vs_empty"] == 0.0
+    assert init["token_acc_own"] == init["token_acc_other"] == init["token_acc_empty"]
+
+    keys = iter(jax.random.split(jax.random.PRNGKey(5), 64))
+    loud = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.5 * jax.random.normal(next(keys), x.shape) if "inject" in jax.tree_util.keystr(p) else x, mem)
+    rel = memory_reliance(examples, frozen, cfg, loud, mcfg, batch_size=4)
+    assert rel["changed_vs_other"] > 0.0 and rel["changed_vs_empty"] > 0.0
+    batch = {k: v for k, v in collate(examples[:4]).items() if k != "example_mask"}  # own = the eval pass
+    preds, pos, _, _ = _memory_pass(loud, frozen, batch, cfg, mcfg, True)
+    gold = np.take_along_axis(batch["labels"][:, -1], np.asarray(pos), 1)
+    w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, np.asarray(pos), 1)
+    first = memory_reliance(examples[:4], frozen, cfg, loud, mcfg, batch_size=4)
+    assert first["token_acc_own"] == pytest.approx(float((np.asarray(preds) == gold)[w].mean()))
+    assert first["answer_tokens"] == int(w.sum())
+    same = [examples[0]] * 4  # every example wrote the same context: reading another's memory is reading its own
+    assert memory_reliance(same, frozen, cfg, loud, mcfg, batch_size=4)["changed_vs_other"] == 0.0

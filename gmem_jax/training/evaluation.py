@@ -112,6 +112,48 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
     return predictions
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _last_segment_predictions(mem_params, frozen, batch, state, cfg, mcfg):
+    """Teacher-forced predictions and their positions, [B, K] each, of the last segment reading `state`
+    [B, S, M]."""
+    last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in batch.items()}
+    out = forward_segments(mem_params, frozen, last, cfg, mcfg, state=state)
+    return out.predictions[:, -1], out.positions[:, -1]
+
+
+def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: BackboneConfig, mem_params: dict,
+                    mcfg: MemoryConfig, *, batch_size: int = 8) -> dict[str, float]:
+    """Does the trained model use what was written? Teacher-forced answer-token accuracy of the question segment
+    reading (own) the memory written from its own context, (other) the memory written from the next example's
+    context in the batch, (empty) the unwritten slot bank; and the fraction of answer-token predictions that
+    change from own to other / empty. A memory that is read but not relied on gives own == other."""
+    hits = {k: [] for k in ("own", "other", "empty")}
+    changed = {k: [] for k in ("other", "empty")}
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        if len(chunk) < 2:  # "another example's memory" needs two examples in the batch
+            continue
+        batch = {k: v for k, v in collate(chunk).items() if k != "example_mask"}
+        state = write_context(mem_params, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
+        states = {"own": state, "other": jnp.roll(state, 1, axis=0),
+                  "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
+        preds = {}
+        for k, s in states.items():  # the positions depend only on the loss mask: the same for every state
+            p, pos = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
+            preds[k], pos = np.asarray(p), np.asarray(pos)
+        gold = np.take_along_axis(batch["labels"][:, -1], pos, 1)
+        w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
+        for k, p in preds.items():
+            hits[k].append((p == gold)[w])
+        for k in changed:
+            changed[k].append((preds[k] != preds["own"])[w])
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+    out = {f"token_acc_{k}": float(cat(v).mean()) for k, v in hits.items()}
+    out.update({f"changed_vs_{k}": float(cat(v).mean()) for k, v in changed.items()})
+    out["answer_tokens"] = int(cat(hits["own"]).size)
+    return out
+
+
 def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained: dict, show_progress: bool = True
                     ) -> dict:
     """Score several systems on the same eval split, in one harness.
