@@ -61,7 +61,7 @@ def frozen_locality_targets(config: ml_collections.ConfigDict, tokenizer, frozen
         return {int(k): v for k, v in json.loads(cache.read_text()).items()}
     kwargs = {**dict(config.task.kwargs), "kinds": ("locality",), "layout": "none"}
     records = get_task(config.task.name, **kwargs).records(config.task.train_split)
-    # The answers are what the model is about to generate: empty placeholders, so that a long gold NQ answer
+    # The answers are what the model is about to generate: left empty here, so that a long gold NQ answer
     # cannot overflow the question segment.
     task = get_task(config.task.name, **kwargs, locality_targets={r.index: "" for r in records})
     examples = build_examples(config, task, tokenizer, config.task.train_split, config.task.train_limit,
