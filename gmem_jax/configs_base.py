@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=50, weight_decay=0.01, clip_norm=1.0, seed=0,
         log_every=10, checkpoint_every=200, keep_checkpoints=2, async_checkpoint=True,
         use_memory=True,  # False: the "memory disabled" ablation (same modules, each segment sees only itself)
+        # True: run the frozen backbone once per distinct training segment before step 1 and train on the cached
+        # hidden states (final injection only; host RAM [segments, seg_len, hidden]); same result, no backbone
+        # work per step
+        feature_cache=False,
     ))
     c.eval = ml_collections.ConfigDict(dict(
         enabled=True, batch_size=32, max_new_tokens=8,

@@ -8,6 +8,7 @@ from gmem_jax.errors import GmemError
 
 GATES = ("update", "gru")
 INJECTIONS = ("final", "residual")
+WRITE_ATTENTIONS = ("tokens", "slots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +17,11 @@ class MemoryConfig:
 
     num_slots/mem_dim/num_heads: the slot bank [num_slots, mem_dim] and the write attention's heads.
     gate: "update" (the author's form: Mem' = g*A + (1-g)*Mem) or "gru" (update + reset gates + tanh candidate).
+    write_attention: how the write addresses slots. "tokens" (the author's form): each slot attends over the segment's
+      tokens (softmax over tokens), so every slot receives an average of the segment. "slots": slots compete for
+      each token (softmax over slots, as in Slot Attention, Locatello et al. 2020), each slot stores the mean of
+      the tokens it won, and its update gate is scaled by min(1, tokens won): a slot that wins nothing keeps its
+      content, so what one example writes lands in a few slots instead of being averaged into all of them.
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
@@ -35,6 +41,7 @@ class MemoryConfig:
     mem_dim: int = 512
     num_heads: int = 8
     gate: str = "update"
+    write_attention: str = "tokens"
     gate_bias: float = -1.0
     injection: str = "final"
     read_layer: int = 0
@@ -51,6 +58,8 @@ class MemoryConfig:
     def __post_init__(self):
         if self.gate not in GATES:
             raise GmemError(f"memory gate {self.gate!r} unknown; choose one of {GATES}")
+        if self.write_attention not in WRITE_ATTENTIONS:
+            raise GmemError(f"memory write_attention {self.write_attention!r} unknown; choose one of {WRITE_ATTENTIONS}")
         if self.injection not in INJECTIONS:
             raise GmemError(f"memory injection {self.injection!r} unknown; choose one of {INJECTIONS}")
         if self.mem_dim % self.num_heads:

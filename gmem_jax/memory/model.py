@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from gmem_jax import losses
+from gmem_jax.errors import GmemError
 from gmem_jax.backbones import model as backbone
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
@@ -101,10 +102,16 @@ def forward_segments(
     """Run a batch of segmented documents through the frozen backbone with memory.
 
     batch: tokens, labels [B, N, T] int; token_mask [B, N, T] bool; loss_mask [B, N, T] float; optional
-    reset [B, N] bool (start a fresh memory before segment k), sent_pos/sent_mask/sent_label [B, N, Ms] (with
+    reset [B, N] bool (start a fresh memory before segment k), features [B, N, T, H] (the frozen backbone's
+    final-norm hidden states of each segment, `frozen_features`; with final injection they do not depend on the
+    memory, so a trainer may compute them once instead of at every step), sent_pos/sent_mask/sent_label [B, N, Ms] (with
     sp_head). use_memory=False is the ablation "same trainable modules, memory disabled": every segment reads the
     initial slot bank and nothing is written, so each segment sees only itself.
     """
+    features = batch.get("features")
+    if features is not None and mcfg.injection != "final":
+        raise GmemError("precomputed frozen features only exist for memory.injection='final' (a residual injection "
+                        "changes the backbone's later layers); set train.feature_cache=False")
     tokens = batch["tokens"]
     B, N, T = tokens.shape
     init = initial_state(mem_params, cfg, mcfg, B)
@@ -114,14 +121,18 @@ def forward_segments(
     sp = mcfg.sp_head and "sent_pos" in batch
 
     def seg_step(state, xs):
-        k, tok, msk, lab, lmask, rst, spos = xs
+        k, tok, msk, lab, lmask, rst, spos, feat = xs
         state = jnp.where(rst[:, None, None], init, state)
-        out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
-                               **memory_hooks(mem_params, state, cfg, mcfg))
-        h_ext, alpha = out.final_aux if mcfg.injection == "final" else out.layer_aux
+        hooks = memory_hooks(mem_params, state, cfg, mcfg)
+        if feat is None:
+            out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
+            hidden = out.hidden
+            h_ext, alpha = out.final_aux if mcfg.injection == "final" else out.layer_aux
+        else:  # the frozen backbone's output was computed once, ahead of training (final injection only)
+            hidden, (h_ext, alpha) = hooks["final_hook"](feat)
         pos = _loss_positions(lmask, K)  # [B, K]
         take = lambda x: jnp.take_along_axis(x, pos, axis=1)
-        h_sel = jnp.take_along_axis(out.hidden, pos[..., None], axis=1)
+        h_sel = jnp.take_along_axis(hidden, pos[..., None], axis=1)
         nll, pred = losses.cross_entropy(backbone.lm_logits(frozen, h_sel, cfg), take(lab))
         w = take(lmask).astype(jnp.float32)
         correct = (pred == take(lab)).astype(jnp.float32) * w
@@ -137,8 +148,8 @@ def forward_segments(
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
                   usage=alpha.mean((0, 1)), gate=z.mean((0, 2)))
         if sp:
-            ys["sent_h"] = jnp.take_along_axis(out.hidden, spos[..., None], axis=1)  # [B, Ms, H]
-            ys["question"] = _question_vector(out.hidden, msk, lmask)
+            ys["sent_h"] = jnp.take_along_axis(hidden, spos[..., None], axis=1)  # [B, Ms, H]
+            ys["question"] = _question_vector(hidden, msk, lmask)
         return new_state, ys
 
     if mcfg.remat:
@@ -147,7 +158,8 @@ def forward_segments(
     seg_major = lambda x: jnp.swapaxes(x, 0, 1)  # [B, N, ...] -> [N, B, ...] for the scan
     spos = batch["sent_pos"] if sp else jnp.zeros((B, N, 1), jnp.int32)
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
-                                          batch["loss_mask"].astype(jnp.float32), reset, spos)))
+                                          batch["loss_mask"].astype(jnp.float32), reset, spos)),
+          None if features is None else seg_major(features))
     final_state, ys = jax.lax.scan(seg_step, state0, xs)
 
     nll, ntok, correct = ys["nll"].sum(0), ys["tokens"].sum(0), ys["correct"].sum(0)  # [B]
@@ -173,6 +185,12 @@ def forward_segments(
         segment_nll=jnp.swapaxes(ys["nll"], 0, 1), predictions=jnp.swapaxes(ys["pred"], 0, 1), positions=jnp.swapaxes(ys["pos"], 0, 1),
         sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
     )
+
+
+def frozen_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig) -> jax.Array:
+    """The frozen backbone's final-norm hidden states of segments run alone, which is what the final-injection
+    memory reads, injects into and writes from: tokens/token_mask [B, T] -> [B, T, H]."""
+    return backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False).hidden
 
 
 def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,

@@ -6,6 +6,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
     encode:  E(h) = Linear(H->2M) -> LayerNorm -> GELU -> Linear(2M->M)            [B, T, H] -> [B, T, M]
     decode:  D(x) = Linear(M->H) -> LayerNorm -> GELU -> Linear(H->H)              [B, T, M] -> [B, T, H]
     write:   A = MHA(query=Mem, key=value=E(h), padding-masked)                    [B, S, M]
+             (write_attention="slots": softmax over slots per token, A_s = mean of the tokens slot s won,
+              and the gate below is scaled by w_s = min(1, tokens won by s))
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
@@ -51,8 +53,11 @@ class GMemory(nn.Module):
         self.slots = self.param("slots", nn.initializers.normal(1.0 / M**0.5), (c.num_slots, M))
         self.encoder = _MLPMap(2 * M, M, dt)
         self.decoder = _MLPMap(H, H, dt)
-        self.write_attn = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=M, out_features=M,
-                                                          dtype=dt)
+        if c.write_attention == "tokens":
+            self.write_attn = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=M, out_features=M,
+                                                              dtype=dt)
+        else:  # the same four projections, used by _slot_competitive_write
+            self.write_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
         n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
         bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
         self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),
@@ -84,6 +89,22 @@ class GMemory(nn.Module):
         return self.encoder(h.astype(self.cfg.dtype))
 
     # ---- write (consolidate) -----------------------------------------------------------------------------
+    def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array):
+        """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S]).
+
+        Per head, every real token distributes one unit of weight over the slots (softmax over S); slot s stores
+        the weighted mean of the values of what it won, and its write strength is min(1, weight won), averaged
+        over heads. With S >> T most slots win almost nothing, so they (and the gate) leave them as they were."""
+        B, S, M = state.shape
+        nh = self.cfg.num_heads
+        split = lambda y: y.reshape(y.shape[:2] + (nh, M // nh)).astype(jnp.float32)  # [B, L, nh, M/nh]
+        q, k, v = split(self.write_q(state.astype(self.cfg.dtype))), split(self.write_k(x)), split(self.write_v(x))
+        logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(M // nh)
+        share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
+        won = share.sum(-1)  # [B, nh, S]
+        a = jnp.einsum("bhst,bthd->bshd", share / (won[..., None] + _EPS), v).reshape(B, S, M)
+        return self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32), jnp.minimum(won, 1.0).mean(1)
+
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None):
         """Consolidate a segment into memory.
 
@@ -93,12 +114,18 @@ class GMemory(nn.Module):
         """
         c = self.cfg
         x = self.encode(h)
-        attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
-        a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
+        if c.write_attention == "tokens":
+            attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
+            a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
+            strength = None
+        else:
+            a, strength = self._slot_competitive_write(state, x, mask)
         gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
         z = gates[..., : c.mem_dim]
         if gate_override is not None:
             z = jnp.full_like(z, gate_override)
+        if strength is not None:
+            z = z * strength[..., None]
         z = z * jnp.any(mask, axis=-1)[:, None, None]  # nothing to write: keep memory bit-for-bit
         if c.gate == "gru":
             reset = gates[..., c.mem_dim:]

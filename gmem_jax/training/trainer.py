@@ -20,13 +20,15 @@ from gmem_jax.backbones.model import count_params
 from gmem_jax.memory.model import count_memory_params, init_memory
 from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders, checkpoint, distributed, sharding
+from gmem_jax.errors import GmemError
 from gmem_jax.training.data import BatchIterator
+from gmem_jax.training.feature_cache import FeatureCache, IndexedExamples, cached_collate
 from gmem_jax.training.evaluation import compare_systems, predict
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 
-_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label")
+_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label", "features")
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -83,7 +85,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, state_rules))
     identity = checkpoint.run_identity(backbone_id, cfg.fingerprint(), params)
     store = checkpoint.CheckpointStore(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-    iterator = BatchIterator(train_examples, tc.batch_size, seed=tc.seed, collate_fn=collate)
+    iterator = _train_iterator(config, train_examples, frozen, cfg, mcfg, main)
 
     restored = store.restore_latest(state, expected=identity)
     start_step = 0
@@ -150,8 +152,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return summary
 
 
+def _train_iterator(config, examples, frozen, cfg, mcfg, show_progress: bool) -> BatchIterator:
+    """The training batches; with train.feature_cache each batch also carries the cached frozen features."""
+    tc = config.train
+    if not tc.feature_cache:
+        return BatchIterator(examples, tc.batch_size, seed=tc.seed, collate_fn=collate)
+    if mcfg.injection != "final":
+        raise GmemError("train.feature_cache=True needs memory.injection='final' (a residual injection changes the "
+                        "backbone's later layers, so they cannot be cached); set train.feature_cache=False")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="frozen features", unit="segment", disable=not show_progress, dynamic_ncols=True)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    cache = FeatureCache.build(examples, frozen, cfg, batch_size=config.eval.batch_size, progress=progress)
+    bar.close()
+    if show_progress:
+        print(f"frozen feature cache: {cache.table.shape[0]} distinct segments of {len(examples) * config.task.n_seg}, "
+              f"{cache.nbytes / 2**20:.0f} MiB", flush=True)
+    return BatchIterator(IndexedExamples(examples), tc.batch_size, seed=tc.seed, collate_fn=cached_collate(cache))
+
+
 def _memory_stats(params, frozen, cfg, mcfg, iterator, mesh, use_memory):
     """Slot usage [S] and per-slot gate openness [S] on one training batch, for the end-of-run plots."""
-    probe = BatchIterator(iterator.examples, iterator.global_batch_size, seed=iterator.seed + 1, collate_fn=collate)
+    probe = BatchIterator(iterator.examples, iterator.global_batch_size, seed=iterator.seed + 1,
+                          collate_fn=iterator.collate_fn)
     out = make_eval_step(cfg, mcfg, use_memory=use_memory)(params, frozen, _device_batch(next(probe), mesh))
     return np.asarray(out.slot_usage), np.asarray(out.gate_mean)

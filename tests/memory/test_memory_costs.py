@@ -23,10 +23,12 @@ def test_gpt2_124m_layout_has_the_published_parameter_count():
     assert _count(lambda: init_params(GPT2_124M, jax.random.PRNGKey(0))) == 124_439_808
 
 
-@pytest.mark.parametrize("gate, injection", [("update", "final"), ("gru", "residual")])
-def test_memory_parameter_count_matches_the_formula(gate, injection):
+@pytest.mark.parametrize("gate, injection, write_attention", [("update", "final", "tokens"),
+                                                              ("gru", "residual", "slots")])
+def test_memory_parameter_count_matches_the_formula(gate, injection, write_attention):
     H, M, S = 768, 512, 1024
-    mcfg = MemoryConfig(num_slots=S, mem_dim=M, num_heads=8, gate=gate, injection=injection, read_layer=6)
+    mcfg = MemoryConfig(num_slots=S, mem_dim=M, num_heads=8, gate=gate, injection=injection, read_layer=6,
+                        write_attention=write_attention)
     dense = lambda i, o: i * o + o  # noqa: E731
     expected = (S * M  # slot bank
                 + dense(H, 2 * M) + 2 * (2 * M) + dense(2 * M, M)  # encoder: Linear, LayerNorm, Linear

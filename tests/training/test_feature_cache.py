@@ -1,0 +1,66 @@
+"""train.feature_cache: training on the frozen backbone's cached hidden states is the same computation as
+running the backbone at every step (final injection), and identical segments are computed once."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmem_jax.errors import GmemError
+from gmem_jax.memory.model import forward_segments, frozen_features
+from gmem_jax.training.feature_cache import distinct_segments
+
+from trainer_testlib import exported, metrics, run_train
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "memory"))
+from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone  # noqa: E402
+
+
+def test_distinct_segments_dedupes_on_tokens_and_mask():
+    tokens = np.array([[[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [1, 2, 9]], [[4, 5, 6], [1, 2, 3]]])
+    mask = np.ones_like(tokens, bool)
+    mask[2, 1, 2] = False  # same tokens as [0, 0] but a different mask: a different segment
+    rows, index = distinct_segments(tokens, mask)
+    assert len(rows) == 4
+    flat_tok, flat_mask = tokens.reshape(-1, 3), mask.reshape(-1, 3)
+    for e in range(3):
+        for k in range(2):
+            np.testing.assert_array_equal(flat_tok[rows[index[e, k]]], tokens[e, k])
+            np.testing.assert_array_equal(flat_mask[rows[index[e, k]]], mask[e, k])
+    assert index[0, 0] == index[1, 0] and index[0, 1] == index[2, 0] and index[2, 1] != index[0, 0]
+
+
+def test_cached_features_give_the_same_loss_and_gradients():
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final")
+    mem = perturbed_memory(cfg, mcfg)
+    b = jax.tree.map(jnp.asarray, random_batch(cfg))
+    B, N, T = b["tokens"].shape
+    feats = jax.vmap(lambda t, m: frozen_features(frozen, t, m, cfg), in_axes=1, out_axes=1)(b["tokens"],
+                                                                                           b["token_mask"])
+    assert feats.shape == (B, N, T, cfg.hidden_size)
+    loss = jax.jit(jax.value_and_grad(lambda m, fz, bb: forward_segments(m, fz, bb, cfg, mcfg).loss))
+    (l0, g0), (l1, g1) = loss(mem, frozen, b), loss(mem, frozen, dict(b, features=feats))
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6), g0, g1)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 1e-3  # the memory does get gradient
+    # A residual injection changes the later layers: cached final features would be wrong, so they are refused.
+    with pytest.raises(GmemError, match="injection"):
+        forward_segments(mem, frozen, dict(b, features=feats), cfg, small_memory("residual"))
+
+
+def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    run_train(plain)
+    proc = run_train(cached, "--config.train.feature_cache=True")
+    assert "distinct segments" in proc.stdout + proc.stderr
+    m0, m1 = metrics(plain), metrics(cached)
+    assert [m["step"] for m in m0] == [m["step"] for m in m1]
+    for a, b in zip(m0, m1):
+        for key in ("loss", "ce", "grad_norm", "accuracy"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    a, b = exported(plain), exported(cached)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
