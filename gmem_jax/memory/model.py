@@ -133,7 +133,13 @@ def forward_segments(
         pos = _loss_positions(lmask, K)  # [B, K]
         take = lambda x: jnp.take_along_axis(x, pos, axis=1)
         h_sel = jnp.take_along_axis(hidden, pos[..., None], axis=1)
-        nll, pred = losses.cross_entropy(backbone.lm_logits(frozen, h_sel, cfg), take(lab))
+        # Context segments usually have no loss at all: skip the LM head ([B, K, V] logits, the largest matmul
+        # after the backbone) for them instead of computing logits nobody reads.
+        nll, pred = jax.lax.cond(
+            jnp.any(lmask > 0),
+            lambda h, y: losses.cross_entropy(backbone.lm_logits(frozen, h, cfg), y),
+            lambda h, y: (jnp.zeros(y.shape, jnp.float32), jnp.zeros(y.shape, jnp.int32)),
+            h_sel, take(lab))
         w = take(lmask).astype(jnp.float32)
         correct = (pred == take(lab)).astype(jnp.float32) * w
         if use_memory:
