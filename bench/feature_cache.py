@@ -35,7 +35,7 @@ def bench_layout(name, cfg, mcfg, B, N, T, repeats) -> dict:
     batch = jax.tree.map(jnp.asarray, qa_batch(B, N, T, cfg.vocab_size, mcfg.loss_positions))
     feats_fn = jax.jit(frozen_features, static_argnums=3)
     tok, msk = batch["tokens"].reshape(B * N, T), batch["token_mask"].reshape(B * N, T)
-    feats = feats_fn(frozen, tok, msk, cfg).reshape(B, N, T, -1)
+    feats = feats_fn(frozen, tok, msk, cfg)["features"].reshape(B, N, T, -1)
     cached = dict(batch, features=feats)
     row = {"layout": name, "batch": B, "n_seg": N, "seg_len": T}
     for label, b in (("backbone_each_step", batch), ("cached_features", cached)):
@@ -46,7 +46,7 @@ def bench_layout(name, cfg, mcfg, B, N, T, repeats) -> dict:
             jax.block_until_ready(metrics)
 
         row[label + "_ms"] = common.summary(common.time_calls(run, repeats, warmup=1))["median_s"] * 1e3
-    build = common.summary(common.time_calls(lambda: feats_fn(frozen, tok, msk, cfg).block_until_ready(), repeats))
+    build = common.summary(common.time_calls(lambda: jax.block_until_ready(feats_fn(frozen, tok, msk, cfg)), repeats))
     row["speedup"] = row["backbone_each_step_ms"] / row["cached_features_ms"]
     row["cache_build_ms_per_segment"] = build["median_s"] * 1e3 / (B * N)
     return row

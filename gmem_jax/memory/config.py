@@ -27,6 +27,10 @@ class MemoryConfig:
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
       (g is a per-channel gate initialised at 0) so the remaining frozen layers process what was retrieved.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
+    write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
+      k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
+      "logit lens" view): middle layers still carry which token stands where, which the last layer has largely
+      turned into next-token predictions. The backbone is still untouched, so features stay cacheable.
     importance_in_read: the per-slot importance score s multiplies each slot's read weight (log s is added to the
       read logits), so the sparsity/entropy regularisers on s shape what is retrieved instead of only themselves.
     bptt_depth: gradients flow through the memory across at most this many segments (0 = all).
@@ -45,6 +49,7 @@ class MemoryConfig:
     gate_bias: float = -1.0
     injection: str = "final"
     read_layer: int = 0
+    write_layer: int = -1
     importance_in_read: bool = True
     bptt_depth: int = 0
     remat: bool = True
@@ -64,10 +69,15 @@ class MemoryConfig:
             raise GmemError(f"memory injection {self.injection!r} unknown; choose one of {INJECTIONS}")
         if self.mem_dim % self.num_heads:
             raise GmemError(f"memory mem_dim={self.mem_dim} is not divisible by num_heads={self.num_heads}")
+        if self.write_layer >= 0 and self.injection != "final":
+            raise GmemError("memory write_layer applies to injection='final' only (a residual injection writes from "
+                            "its read_layer); leave write_layer=-1")
         if self.num_slots < 1 or self.bptt_depth < 0 or self.loss_positions < 0:
             raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions >= 0")
 
     def check_backbone(self, num_layers: int) -> None:
+        if self.write_layer >= num_layers:
+            raise GmemError(f"memory write_layer={self.write_layer} is outside the backbone's 0..{num_layers - 1}")
         if self.injection == "residual" and not 0 <= self.read_layer < num_layers:
             raise GmemError(f"memory read_layer={self.read_layer} is outside the backbone's 0..{num_layers - 1}")
 

@@ -60,18 +60,32 @@ def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, bat
     return _call(mem_params, cfg, mcfg, GMemory.initial_state, batch)
 
 
-def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig) -> dict:
+def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig,
+                 frozen: Optional[dict] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
-    result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S])."""
+    result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S]). Pass `frozen` where
+    the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
+    `write_source`); reading alone (decoding) does not need it."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
         r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h)
         return _call(mem_params, cfg, mcfg, GMemory.inject, h, r), (h, alpha)
 
-    if mcfg.injection == "final":
-        return {"final_hook": hook}
-    return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
+    if mcfg.injection != "final":
+        return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
+    hooks = {"final_hook": hook}
+    if frozen is not None and mcfg.write_layer >= 0:
+        capture = lambda h: (h, checkpoint_name(backbone.final_norm(frozen, h, cfg), EXTRACT_NAME))  # noqa: E731
+        hooks.update(layer_hook=capture, hook_layer=mcfg.write_layer)
+    return hooks
+
+
+def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.Array, jax.Array]:
+    """From a forward with `memory_hooks(..., frozen)`: (the hidden states the write consumes [B, T, H], the read
+    weights [B, T, S])."""
+    h_read, alpha = out.final_aux if mcfg.injection == "final" else out.layer_aux
+    return (out.layer_aux if mcfg.write_layer >= 0 else h_read), alpha
 
 
 def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
@@ -102,9 +116,10 @@ def forward_segments(
     """Run a batch of segmented documents through the frozen backbone with memory.
 
     batch: tokens, labels [B, N, T] int; token_mask [B, N, T] bool; loss_mask [B, N, T] float; optional
-    reset [B, N] bool (start a fresh memory before segment k), features [B, N, T, H] (the frozen backbone's
-    final-norm hidden states of each segment, `frozen_features`; with final injection they do not depend on the
-    memory, so a trainer may compute them once instead of at every step), sent_pos/sent_mask/sent_label [B, N, Ms] (with
+    reset [B, N] bool (start a fresh memory before segment k), features [B, N, T, H] and, with write_layer >= 0,
+    write_features [B, N, T, H] (the frozen backbone's hidden states of each segment, `frozen_features`; with
+    final injection they do not depend on the memory, so a trainer may compute them once, not at every step),
+    sent_pos/sent_mask/sent_label [B, N, Ms] (with
     sp_head). use_memory=False is the ablation "same trainable modules, memory disabled": every segment reads the
     initial slot bank and nothing is written, so each segment sees only itself.
     """
@@ -112,6 +127,11 @@ def forward_segments(
     if features is not None and mcfg.injection != "final":
         raise GmemError("precomputed frozen features only exist for memory.injection='final' (a residual injection "
                         "changes the backbone's later layers); set train.feature_cache=False")
+    if features is not None and (mcfg.write_layer >= 0) != ("write_features" in batch):
+        raise GmemError("the batch's frozen features were computed for another memory.write_layer; rebuild them "
+                        "with frozen_features(..., write_layer=memory.write_layer)")
+    if features is not None:
+        features = {"read": features, "write": batch.get("write_features", features)}
     tokens = batch["tokens"]
     B, N, T = tokens.shape
     init = initial_state(mem_params, cfg, mcfg, B)
@@ -123,13 +143,14 @@ def forward_segments(
     def seg_step(state, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
         state = jnp.where(rst[:, None, None], init, state)
-        hooks = memory_hooks(mem_params, state, cfg, mcfg)
+        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen)
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
-            h_ext, alpha = out.final_aux if mcfg.injection == "final" else out.layer_aux
+            h_ext, alpha = write_source(out, mcfg)
         else:  # the frozen backbone's output was computed once, ahead of training (final injection only)
-            hidden, (h_ext, alpha) = hooks["final_hook"](feat)
+            hidden, (h_ext, alpha) = hooks["final_hook"](feat["read"])
+            h_ext = feat["write"] if mcfg.write_layer >= 0 else h_ext
         pos = _loss_positions(lmask, K)  # [B, K]
         take = lambda x: jnp.take_along_axis(x, pos, axis=1)
         h_sel = jnp.take_along_axis(hidden, pos[..., None], axis=1)
@@ -165,7 +186,7 @@ def forward_segments(
     spos = batch["sent_pos"] if sp else jnp.zeros((B, N, 1), jnp.int32)
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
                                           batch["loss_mask"].astype(jnp.float32), reset, spos)),
-          None if features is None else seg_major(features))
+          None if features is None else jax.tree.map(seg_major, features))
     final_state, ys = jax.lax.scan(seg_step, state0, xs)
 
     nll, ntok, correct = ys["nll"].sum(0), ys["tokens"].sum(0), ys["correct"].sum(0)  # [B]
@@ -193,10 +214,16 @@ def forward_segments(
     )
 
 
-def frozen_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig) -> jax.Array:
-    """The frozen backbone's final-norm hidden states of segments run alone, which is what the final-injection
-    memory reads, injects into and writes from: tokens/token_mask [B, T] -> [B, T, H]."""
-    return backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False).hidden
+def frozen_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,
+                    write_layer: int = -1) -> dict:
+    """What the final-injection memory reads and writes, from the frozen backbone on segments run alone:
+    tokens/token_mask [B, T] -> {'features': final-norm hidden states [B, T, H]} (+ 'write_features' [B, T, H],
+    block `write_layer`'s input through the final norm, when write_layer >= 0). Batch keys of forward_segments."""
+    if write_layer < 0:
+        return {"features": backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False).hidden}
+    out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False, hook_layer=write_layer,
+                           layer_hook=lambda h: (h, backbone.final_norm(frozen, h, cfg)))
+    return {"features": out.hidden, "write_features": out.layer_aux}
 
 
 def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,
@@ -208,8 +235,8 @@ def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask:
     def seg_step(state, xs):
         tok, msk = xs
         out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
-                               **memory_hooks(mem_params, state, cfg, mcfg))
-        h_ext, _ = out.final_aux if mcfg.injection == "final" else out.layer_aux
+                               **memory_hooks(mem_params, state, cfg, mcfg, frozen))
+        h_ext, _ = write_source(out, mcfg)
         return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk)[0], None
 
     state, _ = jax.lax.scan(seg_step, state, (jnp.swapaxes(tokens, 0, 1), jnp.swapaxes(token_mask, 0, 1)))

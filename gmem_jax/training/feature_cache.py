@@ -6,7 +6,7 @@ them makes a step cost the memory and the LM head at the loss positions alone, a
 of backbone work. Identical segments (the same question under several edits, the same edit under several
 questions) are computed and stored once.
 
-Cost: one float array [distinct segments, seg_len, H] in host RAM (ZsRE counterfactual at SmolLM2: ~1 GB).
+Cost: one float array [distinct segments, seg_len, H] (two with a write_layer) in host RAM (ZsRE counterfactual at SmolLM2: ~1 GB).
 Single process only: with several processes each would need its own shard of the table.
 """
 from __future__ import annotations
@@ -32,13 +32,15 @@ def distinct_segments(tokens: np.ndarray, token_mask: np.ndarray) -> tuple[np.nd
 
 
 class FeatureCache:
-    """`table[index[e, k]]` holds segment k of example e as the frozen backbone sees it: [T, H]."""
+    """`tables[key][index[e, k]]` holds segment k of example e as the frozen backbone sees it: [T, H], for each
+    batch key of `frozen_features` ('features', and 'write_features' with a write_layer)."""
 
-    def __init__(self, table: np.ndarray, index: np.ndarray):
-        self.table, self.index = table, index
+    def __init__(self, tables: dict, index: np.ndarray):
+        self.tables, self.index = tables, index
 
     @classmethod
-    def build(cls, examples: Sequence, frozen, cfg, *, batch_size: int = 16, progress=None) -> "FeatureCache":
+    def build(cls, examples: Sequence, frozen, cfg, *, write_layer: int = -1, batch_size: int = 16,
+              progress=None) -> "FeatureCache":
         """Run `frozen_features` over every distinct segment of `examples`, `batch_size` segments at a time (the
         last batch padded, so one compile). `progress(done, total)` is called after each batch, in segments."""
         if jax.process_count() > 1:
@@ -49,29 +51,35 @@ class FeatureCache:
         rows, index = distinct_segments(tokens, mask)
         T = tokens.shape[-1]
         seg_tokens, seg_mask = tokens.reshape(-1, T)[rows], mask.reshape(-1, T)[rows].astype(bool)
-        run = jax.jit(frozen_features, static_argnums=(3,))
-        table = None
+        run = jax.jit(frozen_features, static_argnums=(3, 4))
+        tables = None
         for start in range(0, len(rows), batch_size):
             tok, msk = seg_tokens[start:start + batch_size], seg_mask[start:start + batch_size]
             n = len(tok)
             if n < batch_size:  # pad with copies of the first row: same shape, results dropped
                 tok = np.concatenate([tok, np.repeat(tok[:1], batch_size - n, 0)])
                 msk = np.concatenate([msk, np.repeat(msk[:1], batch_size - n, 0)])
-            h = np.asarray(run(frozen, tok, msk, cfg))[:n]
-            if table is None:
-                table = np.empty((len(rows),) + h.shape[1:], h.dtype)
-            table[start:start + n] = h
+            out = {k: np.asarray(v)[:n] for k, v in run(frozen, tok, msk, cfg, write_layer).items()}
+            if tables is None:
+                tables = {k: np.empty((len(rows),) + v.shape[1:], v.dtype) for k, v in out.items()}
+            for k, v in out.items():
+                tables[k][start:start + n] = v
             if progress is not None:
                 progress(start + n, len(rows))
-        return cls(table, index)
+        return cls(tables, index)
 
-    def features(self, example_ids: Sequence[int]) -> np.ndarray:
-        """[len(example_ids), N, T, H] for a batch of example positions."""
-        return self.table[self.index[np.asarray(example_ids)]]
+    def features(self, example_ids: Sequence[int]) -> dict:
+        """{key: [len(example_ids), N, T, H]} for a batch of example positions."""
+        rows = self.index[np.asarray(example_ids)]
+        return {k: t[rows] for k, t in self.tables.items()}
+
+    @property
+    def num_segments(self) -> int:
+        return int(len(next(iter(self.tables.values()))))
 
     @property
     def nbytes(self) -> int:
-        return int(self.table.nbytes)
+        return int(sum(t.nbytes for t in self.tables.values()))
 
 
 class IndexedExamples:
@@ -88,10 +96,10 @@ class IndexedExamples:
 
 
 def cached_collate(cache: FeatureCache):
-    """collate_fn for a BatchIterator over IndexedExamples: the task arrays plus 'features' [B, N, T, H]."""
+    """collate_fn for a BatchIterator over IndexedExamples: the task arrays plus the cached features."""
 
     def collate_fn(items):
         ids = [i for i, _ in items]
-        return dict(collate([ex for _, ex in items]), features=cache.features(ids))
+        return dict(collate([ex for _, ex in items]), **cache.features(ids))
 
     return collate_fn

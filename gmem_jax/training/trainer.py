@@ -28,7 +28,8 @@ from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 
-_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label", "features")
+_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label", "features",
+               "write_features")
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -168,10 +169,11 @@ def _train_iterator(config, examples, frozen, cfg, mcfg, show_progress: bool) ->
         bar.total = total
         bar.update(done - bar.n)
 
-    cache = FeatureCache.build(examples, frozen, cfg, batch_size=config.eval.batch_size, progress=progress)
+    cache = FeatureCache.build(examples, frozen, cfg, write_layer=mcfg.write_layer, batch_size=config.eval.batch_size,
+                               progress=progress)
     bar.close()
     if show_progress:
-        print(f"frozen feature cache: {cache.table.shape[0]} distinct segments of {len(examples) * config.task.n_seg}, "
+        print(f"frozen feature cache: {cache.num_segments} distinct segments of {len(examples) * config.task.n_seg}, "
               f"{cache.nbytes / 2**20:.0f} MiB", flush=True)
     return BatchIterator(IndexedExamples(examples), tc.batch_size, seed=tc.seed, collate_fn=cached_collate(cache))
 

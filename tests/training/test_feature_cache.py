@@ -32,23 +32,51 @@ def test_distinct_segments_dedupes_on_tokens_and_mask():
     assert index[0, 0] == index[1, 0] and index[0, 1] == index[2, 0] and index[2, 1] != index[0, 0]
 
 
-def test_cached_features_give_the_same_loss_and_gradients():
+@pytest.mark.parametrize("write_layer", [-1, 1])
+def test_cached_features_give_the_same_loss_and_gradients(write_layer):
     cfg, frozen = tiny_backbone("llama")
-    mcfg = small_memory("final")
+    mcfg = small_memory("final", write_layer=write_layer)
     mem = perturbed_memory(cfg, mcfg)
     b = jax.tree.map(jnp.asarray, random_batch(cfg))
     B, N, T = b["tokens"].shape
-    feats = jax.vmap(lambda t, m: frozen_features(frozen, t, m, cfg), in_axes=1, out_axes=1)(b["tokens"],
-                                                                                           b["token_mask"])
-    assert feats.shape == (B, N, T, cfg.hidden_size)
+    feats = jax.vmap(lambda t, m: frozen_features(frozen, t, m, cfg, write_layer), in_axes=1, out_axes=1)(
+        b["tokens"], b["token_mask"])
+    assert sorted(feats) == (["features"] if write_layer < 0 else ["features", "write_features"])
+    assert all(f.shape == (B, N, T, cfg.hidden_size) for f in feats.values())
     loss = jax.jit(jax.value_and_grad(lambda m, fz, bb: forward_segments(m, fz, bb, cfg, mcfg).loss))
-    (l0, g0), (l1, g1) = loss(mem, frozen, b), loss(mem, frozen, dict(b, features=feats))
+    (l0, g0), (l1, g1) = loss(mem, frozen, b), loss(mem, frozen, dict(b, **feats))
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6), g0, g1)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 1e-3  # the memory does get gradient
-    # A residual injection changes the later layers: cached final features would be wrong, so they are refused.
+    # Features made for another write layer, or for a residual injection (which changes the later layers), are
+    # refused rather than silently used.
+    with pytest.raises(GmemError, match="write_layer"):
+        forward_segments(mem, frozen, dict(b, features=feats["features"]), cfg,
+                         small_memory("final", write_layer=1 - write_layer if write_layer >= 0 else 1))
     with pytest.raises(GmemError, match="injection"):
-        forward_segments(mem, frozen, dict(b, features=feats), cfg, small_memory("residual"))
+        forward_segments(mem, frozen, dict(b, features=feats["features"]), cfg, small_memory("residual"))
+
+
+def test_write_layer_writes_from_the_final_normed_residual_stream_of_that_block():
+    """The write of write_layer=k equals a write fed by hand with final_norm(residual entering block k)."""
+    from gmem_jax.backbones.model import final_norm, run_layers, embed
+    from gmem_jax.memory.model import memory_module, write_context
+    from gmem_jax.memory.modules import GMemory
+
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_layer=1)
+    mem = perturbed_memory(cfg, mcfg)
+    b = random_batch(cfg, N=1)
+    tok, msk = jnp.asarray(b["tokens"][:, 0]), jnp.asarray(b["token_mask"][:, 0])
+    pos = jnp.broadcast_to(jnp.arange(tok.shape[1]), tok.shape)
+    h, _ = run_layers(frozen, embed(frozen, tok, pos, cfg), cfg=cfg, positions=pos, kv_mask=msk, start=0, end=1)
+    module = memory_module(cfg, mcfg)
+    state0 = module.apply({"params": mem}, tok.shape[0], method=GMemory.initial_state)
+    by_hand, _ = module.apply({"params": mem}, state0, final_norm(frozen, h, cfg), msk, method=GMemory.write)
+    got = write_context(mem, frozen, tok[:, None], msk[:, None], cfg, mcfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(by_hand), rtol=1e-5, atol=1e-6)
+    other = write_context(mem, frozen, tok[:, None], msk[:, None], cfg, small_memory("final"))
+    assert float(jnp.abs(other - got).max()) > 1e-3  # the final-layer write is a different one
 
 
 def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path):
