@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from gmem_jax.memory.config import MemoryConfig
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -16,11 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
                     tie_word_embeddings=True),
     ))
     c.tokenizer = "word"  # "word" (task vocabulary), "backbone", or a tokenizer path / hub id
-    c.memory = ml_collections.ConfigDict(dict(
-        num_slots=1024, mem_dim=512, num_heads=8, gate="update", gate_bias=-1.0, injection="final", read_layer=0,
-        importance_in_read=True, bptt_depth=0, remat=True, loss_positions=0, sparsity_weight=0.01,
-        entropy_weight=0.001, sp_head=False, sp_weight=1.0, dtype="float32",
-    ))
+    # Every MemoryConfig field with its default (documented in gmem_jax/memory/config.py), so a new memory option
+    # is settable from the command line without touching this file.
+    c.memory = ml_collections.ConfigDict(MemoryConfig().to_dict())
     c.task = ml_collections.ConfigDict(dict(
         name="synthetic", kwargs={},
         train_kwargs={},  # options that apply to the training split only (merged over kwargs)

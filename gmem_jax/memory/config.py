@@ -31,6 +31,11 @@ class MemoryConfig:
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
       "logit lens" view): middle layers still carry which token stands where, which the last layer has largely
       turned into next-token predictions. The backbone is still untouched, so features stay cacheable.
+    standardize_inputs: the encoder first maps h -> (h - mu) * inv_sigma per channel, with one (mu, inv_sigma) [H]
+      pair for what the read sees and one for what the write sees, trainable and initialised from training data
+      (`memory.model.with_input_statistics`). A pretrained LM's last hidden states are dominated by a direction
+      shared by every token (SmolLM2-135M: 49% of the squared norm is the mean vector, 38% of the variance in 5 of
+      576 channels), which a plain Linear passes on, so every token's encoding looks alike.
     importance_in_read: the per-slot importance score s multiplies each slot's read weight (log s is added to the
       read logits), so the sparsity/entropy regularisers on s shape what is retrieved instead of only themselves.
     bptt_depth: gradients flow through the memory across at most this many segments (0 = all).
@@ -50,6 +55,7 @@ class MemoryConfig:
     injection: str = "final"
     read_layer: int = 0
     write_layer: int = -1
+    standardize_inputs: bool = False
     importance_in_read: bool = True
     bptt_depth: int = 0
     remat: bool = True

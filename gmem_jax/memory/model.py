@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from gmem_jax import losses
@@ -224,6 +225,44 @@ def frozen_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg:
     out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False, hook_layer=write_layer,
                            layer_hook=lambda h: (h, backbone.final_norm(frozen, h, cfg)))
     return {"features": out.hidden, "write_features": out.layer_aux}
+
+
+def input_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,
+                   mcfg: MemoryConfig) -> dict:
+    """What the memory's encoder receives from the frozen model on segments [B, T]: {'read': [B, T, H] (the hook's
+    input), 'write': [B, T, H] (the write's source)}, before any memory is injected."""
+    if mcfg.injection == "final":
+        f = frozen_features(frozen, tokens, token_mask, cfg, mcfg.write_layer)
+        return {"read": f["features"], "write": f.get("write_features", f["features"])}
+    out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
+                           hook_layer=mcfg.read_layer, layer_hook=lambda h: (h, h))
+    return {"read": out.layer_aux, "write": out.layer_aux}
+
+
+def with_input_statistics(mem_params: dict, frozen: dict, tokens, token_mask, cfg: BackboneConfig,
+                          mcfg: MemoryConfig, batch_size: int = 16) -> dict:
+    """Memory params whose input standardisation (standardize_inputs) uses the per-channel mean and 1/std of the
+    real tokens of `tokens`/`token_mask` [num_segments, T] (training segments), accumulated in float64."""
+    if not mcfg.standardize_inputs:
+        return mem_params
+    tokens, token_mask = np.asarray(tokens), np.asarray(token_mask).astype(bool)
+    run = jax.jit(input_features, static_argnums=(3, 4))
+    sums = {}
+    for start in range(0, len(tokens), batch_size):
+        tok, msk = tokens[start:start + batch_size], token_mask[start:start + batch_size]
+        for side, h in run(frozen, tok, msk, cfg, mcfg).items():
+            h = np.asarray(h, np.float64)[msk]  # [real tokens, H]
+            acc = sums.setdefault(side, [0.0, 0.0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + h.sum(0), acc[1] + (h * h).sum(0), acc[2] + len(h)
+    out = dict(mem_params)
+    for side, (s1, s2, n) in sums.items():
+        if n == 0:
+            raise GmemError("no real tokens to estimate the memory's input statistics from; check the training data")
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0) + 1e-6)
+        out[f"{side}_mean"] = jnp.asarray(mean, mem_params[f"{side}_mean"].dtype)
+        out[f"{side}_inv_std"] = jnp.asarray(1.0 / std, mem_params[f"{side}_inv_std"].dtype)
+    return out
 
 
 def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,

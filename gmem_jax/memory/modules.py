@@ -4,6 +4,7 @@ Shapes: B batch, T tokens in a segment, S memory slots, M memory dim, H backbone
 The memory never sees backbone internals: it takes hidden states [B, T, H] and returns hidden states.
 
     encode:  E(h) = Linear(H->2M) -> LayerNorm -> GELU -> Linear(2M->M)            [B, T, H] -> [B, T, M]
+             (standardize_inputs: h -> (h - mu) * inv_sigma first, per channel, one pair per read / write side)
     decode:  D(x) = Linear(M->H) -> LayerNorm -> GELU -> Linear(H->H)              [B, T, M] -> [B, T, H]
     write:   A = MHA(query=Mem, key=value=E(h), padding-masked)                    [B, S, M]
              (write_attention="slots": softmax over slots per token, A_s = mean of the tokens slot s won,
@@ -52,6 +53,10 @@ class GMemory(nn.Module):
         c, H, M, dt = self.cfg, self.hidden_size, self.cfg.mem_dim, self.cfg.dtype
         self.slots = self.param("slots", nn.initializers.normal(1.0 / M**0.5), (c.num_slots, M))
         self.encoder = _MLPMap(2 * M, M, dt)
+        if c.standardize_inputs:  # identity until with_input_statistics sets them from data
+            self.input_stats = {side: (self.param(f"{side}_mean", nn.initializers.zeros, (H,)),
+                                       self.param(f"{side}_inv_std", nn.initializers.ones, (H,)))
+                                for side in ("read", "write")}
         self.decoder = _MLPMap(H, H, dt)
         if c.write_attention == "tokens":
             self.write_attn = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=M, out_features=M,
@@ -85,7 +90,11 @@ class GMemory(nn.Module):
         """Per-slot importance s in (0, 1): [B, S, M] -> [B, S]."""
         return jax.nn.sigmoid(self.importance_mlp(state)[..., 0].astype(jnp.float32))
 
-    def encode(self, h: jax.Array) -> jax.Array:
+    def encode(self, h: jax.Array, side: str = "read") -> jax.Array:
+        """E(h): [B, T, H] -> [B, T, M]; `side` ("read" / "write") picks the input statistics."""
+        if self.cfg.standardize_inputs:
+            mean, inv_std = self.input_stats[side]
+            h = (h.astype(jnp.float32) - mean) * inv_std
         return self.encoder(h.astype(self.cfg.dtype))
 
     # ---- write (consolidate) -----------------------------------------------------------------------------
@@ -113,7 +122,7 @@ class GMemory(nn.Module):
         update gate (0 = closed, 1 = open) for tests and ablations.
         """
         c = self.cfg
-        x = self.encode(h)
+        x = self.encode(h, "write")
         if c.write_attention == "tokens":
             attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)

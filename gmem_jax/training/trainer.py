@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from gmem_jax.backbones.model import count_params
-from gmem_jax.memory.model import count_memory_params, init_memory
+from gmem_jax.memory.model import count_memory_params, init_memory, with_input_statistics
 from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.errors import GmemError
@@ -80,7 +80,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     optimizer = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
     schedule = make_schedule(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps)
-    params = init_memory(jax.random.PRNGKey(tc.seed), cfg, mcfg)
+    params = _initial_params(config, cfg, mcfg, frozen, train_examples)
     state = init_train_state(params, optimizer)
     state_rules = sharding.memory_rules(config.mesh_shard_slots)
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, state_rules))
@@ -151,6 +151,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if main:
         _atomic_write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _initial_params(config, cfg, mcfg, frozen, examples) -> dict:
+    """Fresh memory params; with memory.standardize_inputs, input statistics from the first 256 training
+    examples' segments (deterministic, so a resumed run builds the same tree before restoring it)."""
+    params = init_memory(jax.random.PRNGKey(config.train.seed), cfg, mcfg)
+    if not mcfg.standardize_inputs:
+        return params
+    if jax.process_count() > 1:
+        raise GmemError("memory.standardize_inputs estimates statistics in a single process; set it False for "
+                        "multi-host runs or pass pre-computed statistics")
+    sample = collate(list(examples[:256]))
+    T = sample["tokens"].shape[-1]
+    return with_input_statistics(params, frozen, sample["tokens"].reshape(-1, T), sample["token_mask"].reshape(-1, T),
+                                 cfg, mcfg, batch_size=config.eval.batch_size)
 
 
 def _train_iterator(config, examples, frozen, cfg, mcfg, show_progress: bool) -> BatchIterator:

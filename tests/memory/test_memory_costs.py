@@ -23,12 +23,12 @@ def test_gpt2_124m_layout_has_the_published_parameter_count():
     assert _count(lambda: init_params(GPT2_124M, jax.random.PRNGKey(0))) == 124_439_808
 
 
-@pytest.mark.parametrize("gate, injection, write_attention", [("update", "final", "tokens"),
-                                                              ("gru", "residual", "slots")])
-def test_memory_parameter_count_matches_the_formula(gate, injection, write_attention):
+@pytest.mark.parametrize("gate, injection, write_attention, standardize", [("update", "final", "tokens", False),
+                                                                           ("gru", "residual", "slots", True)])
+def test_memory_parameter_count_matches_the_formula(gate, injection, write_attention, standardize):
     H, M, S = 768, 512, 1024
     mcfg = MemoryConfig(num_slots=S, mem_dim=M, num_heads=8, gate=gate, injection=injection, read_layer=6,
-                        write_attention=write_attention)
+                        write_attention=write_attention, standardize_inputs=standardize)
     dense = lambda i, o: i * o + o  # noqa: E731
     expected = (S * M  # slot bank
                 + dense(H, 2 * M) + 2 * (2 * M) + dense(2 * M, M)  # encoder: Linear, LayerNorm, Linear
@@ -36,7 +36,8 @@ def test_memory_parameter_count_matches_the_formula(gate, injection, write_atten
                 + 4 * dense(M, M)  # write attention q, k, v, out
                 + dense(2 * M, (2 if gate == "gru" else 1) * M) + (dense(2 * M, M) if gate == "gru" else 0)
                 + dense(M, M // 4) + dense(M // 4, 1)  # importance MLP
-                + (dense(2 * H, H) if injection == "final" else H))  # injection
+                + (dense(2 * H, H) if injection == "final" else H)  # injection
+                + (4 * H if standardize else 0))  # mean and 1/std, read and write side
     assert _count(lambda: init_memory(jax.random.PRNGKey(0), GPT2_124M, mcfg)) == expected
 
 

@@ -81,8 +81,9 @@ def test_write_layer_writes_from_the_final_normed_residual_stream_of_that_block(
 
 def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path):
     plain, cached = tmp_path / "plain", tmp_path / "cached"
-    run_train(plain)
-    proc = run_train(cached, "--config.train.feature_cache=True")
+    # standardize_inputs also runs here: its statistics are estimated in the trainer before step 1.
+    run_train(plain, "--config.memory.standardize_inputs=True")
+    proc = run_train(cached, "--config.train.feature_cache=True", "--config.memory.standardize_inputs=True")
     assert "distinct segments" in proc.stdout + proc.stderr
     m0, m1 = metrics(plain), metrics(cached)
     assert [m["step"] for m in m0] == [m["step"] for m in m1]
@@ -90,5 +91,29 @@ def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path):
         for key in ("loss", "ce", "grad_norm", "accuracy"):
             assert abs(a[key] - b[key]) <= 1e-4 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
     a, b = exported(plain), exported(cached)
+    assert {"read_mean", "read_inv_std", "write_mean", "write_inv_std"} <= set(a)
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("write_layer", [-1, 1])
+def test_input_statistics_standardize_the_real_tokens(write_layer):
+    """After with_input_statistics, what the encoder sees on the same segments has mean 0 and std 1 per channel
+    over real tokens (padding excluded), on both the read and the write side."""
+    from gmem_jax.memory.model import init_memory, input_features, with_input_statistics
+
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_layer=write_layer, standardize_inputs=True)
+    mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    np.testing.assert_array_equal(np.asarray(mem["read_inv_std"]), 1.0)  # identity before statistics
+    b = random_batch(cfg, B=6, N=2)
+    tok, msk = b["tokens"].reshape(12, -1), b["token_mask"].reshape(12, -1)
+    mem = with_input_statistics(mem, frozen, tok, msk, cfg, mcfg, batch_size=5)  # a ragged last batch
+    feats = input_features(frozen, jnp.asarray(tok), jnp.asarray(msk), cfg, mcfg)
+    for side in ("read", "write"):
+        x = (np.asarray(feats[side], np.float64)[msk] - np.asarray(mem[f"{side}_mean"])) * np.asarray(
+            mem[f"{side}_inv_std"])
+        np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-4)
+        np.testing.assert_allclose(x.std(0), 1.0, rtol=1e-3)
+    differs = float(np.abs(np.asarray(mem["read_mean"]) - np.asarray(mem["write_mean"])).max())
+    assert (differs > 1e-3) == (write_layer >= 0)
