@@ -5,10 +5,14 @@ the average is over tokens, not over segments of unequal size.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _EPS = 1e-9
+HEAD_GRAD_NAME = "head_ce_grad"
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array):
@@ -16,6 +20,35 @@ def cross_entropy(logits: jax.Array, labels: jax.Array):
     logz = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return logz - target, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def frozen_head_cross_entropy(head_fn, head_params, hidden: jax.Array, labels: jax.Array):
+    """`cross_entropy(head_fn(head_params, hidden), labels)` for a frozen, position-wise head (the LM head).
+
+    hidden [..., D], labels [...] int -> (nll [...], argmax ids [...]). Same values as the plain composition;
+    the difference is the backward pass. The forward already computes d nll / d hidden [..., D] (one extra
+    [..., V] x [V, D] matmul, the one the backward needs anyway) and keeps only that, tagged HEAD_GRAD_NAME for
+    remat policies: the [..., V] logits are neither kept nor recomputed in a rematerialised backward, which
+    otherwise re-runs the head (+19% of a GPT-2 train step, docs/benchmarks.md section 8). This is exact because
+    nll[i] depends on hidden[i] alone, so the backward is a per-position scaling of the saved gradient. No
+    gradient reaches head_params (frozen) or labels.
+    """
+    return cross_entropy(head_fn(head_params, hidden), labels)
+
+
+def _frozen_head_ce_fwd(head_fn, head_params, hidden, labels):
+    nll, vjp, pred = jax.vjp(lambda h: cross_entropy(head_fn(head_params, h), labels), hidden, has_aux=True)
+    (grad,) = vjp(jnp.ones_like(nll))  # [..., D]: row i is d nll[i] / d hidden[i]
+    return (nll, pred), checkpoint_name(grad, HEAD_GRAD_NAME)
+
+
+def _frozen_head_ce_bwd(head_fn, grad, cotangents):
+    g_nll, _ = cotangents  # the argmax ids are integers: no cotangent
+    return None, (g_nll[..., None] * grad).astype(grad.dtype), None
+
+
+frozen_head_cross_entropy.defvjp(_frozen_head_ce_fwd, _frozen_head_ce_bwd)
 
 
 def importance_sparsity(s: jax.Array) -> jax.Array:

@@ -7,10 +7,13 @@ are written into the memory. Every example has its own memory ([B, S, M]), start
 and reset wherever `reset[b, k]` is set, so nothing leaks between examples or documents.
 
 Activation memory: each segment is rematerialised in the backward pass, keeping only the hidden states the
-memory extracted (named "memory_extract") so the frozen layers below the memory never run twice.
+memory extracted (named "memory_extract") so the frozen layers below the memory never run twice, and the loss's
+gradient w.r.t. the hidden states at the loss positions (`losses.frozen_head_cross_entropy`) so the frozen LM
+head does not run twice either.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -140,6 +143,7 @@ def forward_segments(
     reset = batch.get("reset", jnp.zeros((B, N), bool))
     K = min(mcfg.loss_positions, T) if mcfg.loss_positions else T
     sp = mcfg.sp_head and "sent_pos" in batch
+    head_fn = partial(backbone.lm_logits, cfg=cfg)
 
     def seg_step(state, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
@@ -159,7 +163,7 @@ def forward_segments(
         # after the backbone) for them instead of computing logits nobody reads.
         nll, pred = jax.lax.cond(
             jnp.any(lmask > 0),
-            lambda h, y: losses.cross_entropy(backbone.lm_logits(frozen, h, cfg), y),
+            lambda h, y: losses.frozen_head_cross_entropy(head_fn, frozen, h, y),
             lambda h, y: (jnp.zeros(y.shape, jnp.float32), jnp.zeros(y.shape, jnp.int32)),
             h_sel, take(lab))
         w = take(lmask).astype(jnp.float32)
@@ -182,7 +186,8 @@ def forward_segments(
 
     if mcfg.remat:
         seg_step = jax.checkpoint(seg_step, prevent_cse=False,
-                                  policy=jax.checkpoint_policies.save_only_these_names(EXTRACT_NAME))
+                                  policy=jax.checkpoint_policies.save_only_these_names(
+                                      EXTRACT_NAME, losses.HEAD_GRAD_NAME))
     seg_major = lambda x: jnp.swapaxes(x, 0, 1)  # [B, N, ...] -> [N, B, ...] for the scan
     spos = batch["sent_pos"] if sp else jnp.zeros((B, N, 1), jnp.int32)
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
