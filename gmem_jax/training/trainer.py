@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -22,7 +22,7 @@ from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.errors import GmemError
 from gmem_jax.training.data import BatchIterator
-from gmem_jax.training.feature_cache import FeatureCache, IndexedExamples, cached_collate
+from gmem_jax.training.feature_cache import FeatureCache, cached_collate
 from gmem_jax.training.evaluation import compare_systems, predict
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
@@ -86,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, state_rules))
     identity = checkpoint.run_identity(backbone_id, cfg.fingerprint(), params)
     store = checkpoint.CheckpointStore(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-    iterator = _train_iterator(config, train_examples, frozen, cfg, mcfg, main)
+    iterator, cache = _train_iterator(config, train_examples, frozen, cfg, mcfg)
 
     restored = store.restore_latest(state, expected=identity)
     start_step = 0
@@ -105,6 +105,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         monitor=monitor, store=store, lr_option="train.learning_rate",
         extra=lambda: {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
 
+    if cache is not None and main:
+        print(f"frozen feature cache: {cache.num_segments} distinct segments computed for {cache.served} served, "
+              f"{cache.nbytes / 2**20:.0f} MiB", flush=True)
     # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
     usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
     checkpoint.export_params(state["params"], {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
@@ -168,29 +171,17 @@ def _initial_params(config, cfg, mcfg, frozen, examples) -> dict:
                                  cfg, mcfg, batch_size=config.eval.batch_size)
 
 
-def _train_iterator(config, examples, frozen, cfg, mcfg, show_progress: bool) -> BatchIterator:
-    """The training batches; with train.feature_cache each batch also carries the cached frozen features."""
+def _train_iterator(config, examples, frozen, cfg, mcfg) -> tuple[BatchIterator, Optional[FeatureCache]]:
+    """The training batches; with train.feature_cache each batch also carries the cached frozen features (and the
+    cache is returned too, for its end-of-run summary)."""
     tc = config.train
     if not tc.feature_cache:
-        return BatchIterator(examples, tc.batch_size, seed=tc.seed, collate_fn=collate)
+        return BatchIterator(examples, tc.batch_size, seed=tc.seed, collate_fn=collate), None
     if mcfg.injection != "final":
         raise GmemError("train.feature_cache=True needs memory.injection='final' (a residual injection changes the "
                         "backbone's later layers, so they cannot be cached); set train.feature_cache=False")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc="frozen features", unit="segment", disable=not show_progress, dynamic_ncols=True)
-
-    def progress(done, total):
-        bar.total = total
-        bar.update(done - bar.n)
-
-    cache = FeatureCache.build(examples, frozen, cfg, write_layer=mcfg.write_layer, batch_size=config.eval.batch_size,
-                               progress=progress)
-    bar.close()
-    if show_progress:
-        print(f"frozen feature cache: {cache.num_segments} distinct segments of {len(examples) * config.task.n_seg}, "
-              f"{cache.nbytes / 2**20:.0f} MiB", flush=True)
-    return BatchIterator(IndexedExamples(examples), tc.batch_size, seed=tc.seed, collate_fn=cached_collate(cache))
+    cache = FeatureCache(frozen, cfg, write_layer=mcfg.write_layer, chunk=config.eval.batch_size)
+    return BatchIterator(examples, tc.batch_size, seed=tc.seed, collate_fn=cached_collate(cache)), cache
 
 
 def _memory_stats(params, frozen, cfg, mcfg, iterator, mesh, use_memory):

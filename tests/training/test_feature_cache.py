@@ -7,7 +7,7 @@ import pytest
 
 from gmem_jax.errors import GmemError
 from gmem_jax.memory.model import forward_segments, frozen_features
-from gmem_jax.training.feature_cache import distinct_segments
+from gmem_jax.training.feature_cache import FeatureCache
 
 from trainer_testlib import exported, metrics, run_train
 
@@ -18,18 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "memory"))
 from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone  # noqa: E402
 
 
-def test_distinct_segments_dedupes_on_tokens_and_mask():
-    tokens = np.array([[[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [1, 2, 9]], [[4, 5, 6], [1, 2, 3]]])
+@pytest.mark.parametrize("write_layer", [-1, 1])
+def test_cache_computes_each_distinct_segment_once_and_serves_its_features(write_layer):
+    cfg, frozen = tiny_backbone("llama")
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.integers(0, cfg.vocab_size, 6).astype(np.int32) for _ in range(3))
+    tokens = np.stack([np.stack([a, b]), np.stack([a, c]), np.stack([b, a])])  # [E=3, N=2, T=6]
     mask = np.ones_like(tokens, bool)
-    mask[2, 1, 2] = False  # same tokens as [0, 0] but a different mask: a different segment
-    rows, index = distinct_segments(tokens, mask)
-    assert len(rows) == 4
-    flat_tok, flat_mask = tokens.reshape(-1, 3), mask.reshape(-1, 3)
-    for e in range(3):
-        for k in range(2):
-            np.testing.assert_array_equal(flat_tok[rows[index[e, k]]], tokens[e, k])
-            np.testing.assert_array_equal(flat_mask[rows[index[e, k]]], mask[e, k])
-    assert index[0, 0] == index[1, 0] and index[0, 1] == index[2, 0] and index[2, 1] != index[0, 0]
+    mask[2, 1, 5] = False  # same tokens as [0, 0] but another mask: another segment
+    cache = FeatureCache(frozen, cfg, write_layer=write_layer, chunk=3)  # the first call: a full chunk of 3
+    got = cache.features(tokens[:2], mask[:2])  # a, b, c
+    assert cache.num_segments == 3
+    rest = cache.features(tokens[2:], mask[2:])  # b, a with another mask
+    got = {k: np.concatenate([v, rest[k]]) for k, v in got.items()}
+    assert cache.num_segments == 4 and cache.served == 6  # b was seen already; a with the other mask was not
+    cache.features(tokens, mask)
+    assert cache.num_segments == 4  # everything seen: nothing computed again (the second call ran a padded chunk)
+    want = frozen_features(frozen, tokens.reshape(6, 6), mask.reshape(6, 6), cfg, write_layer)
+    assert set(got) == set(want) == ({"features", "write_features"} if write_layer >= 0 else {"features"})
+    for k in want:
+        np.testing.assert_allclose(got[k].reshape(6, 6, -1), want[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.parametrize("write_layer", [-1, 1])
