@@ -35,7 +35,7 @@ def test_values_and_gradients_equal_plain_autodiff(arch):
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("remat", [True, False])
+@pytest.mark.parametrize("injection, remat", [("final", True), ("residual", False)])
 def test_memory_gradients_equal_plain_head_autodiff(injection, remat, monkeypatch):
     """The whole segment loop's gradients w.r.t. the memory params, against the same loop with the head loss
     swapped for plain autodiff (the oracle)."""
