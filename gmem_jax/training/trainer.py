@@ -150,6 +150,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "train_tokens_per_second": (step - start_step) * tokens_per_step / max(train_seconds, 1e-9),
         "train_seconds": train_seconds, "wall_seconds": time.time() - t_start,
         "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
+        "feature_cache": None if cache is None else {"distinct_segments": cache.num_segments,
+                                                     "segments_served": cache.served, "bytes": cache.nbytes},
     }
     if main:
         _atomic_write_json(workdir / "summary.json", summary)

@@ -1,5 +1,7 @@
 """train.feature_cache: training on the frozen backbone's cached hidden states is the same computation as
 running the backbone at every step (final injection), and identical segments are computed once."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,10 @@ def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path):
     run_train(plain, "--config.memory.standardize_inputs=True")
     proc = run_train(cached, "--config.train.feature_cache=True", "--config.memory.standardize_inputs=True")
     assert "distinct segments" in proc.stdout + proc.stderr
+    fc = json.loads((cached / "summary.json").read_text())["feature_cache"]
+    assert json.loads((plain / "summary.json").read_text())["feature_cache"] is None
+    # Every segment served to training (and the end-of-run probe batch) was computed once; a tiny run repeats some.
+    assert 0 < fc["distinct_segments"] <= fc["segments_served"] and fc["bytes"] > 0
     m0, m1 = metrics(plain), metrics(cached)
     assert [m["step"] for m in m0] == [m["step"] for m in m1]
     for a, b in zip(m0, m1):
