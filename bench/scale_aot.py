@@ -112,7 +112,8 @@ def main():
           f"mesh fsdp={_N_DEVICES}; batch {B} x {N} segments x {T} tokens; remat={mcfg.remat}", flush=True)
     step = make_train_step(cfg, mcfg, opt)
     t0 = time.perf_counter()
-    lowered = step.lower(state, frozen, batch)
+    with jax.set_mesh(mesh):  # activations batch-sharded (sharding.constrain_batch), as in the trainer
+        lowered = step.lower(state, frozen, batch)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()

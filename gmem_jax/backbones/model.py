@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.backbones.layers import Block, Norm
+from gmem_jax.training.sharding import constrain_batch
 
 Hook = Callable[[jax.Array], tuple[jax.Array, Any]]  # h [B, T, D] -> (h' [B, T, D], aux pytree)
 
@@ -80,7 +81,7 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: BackboneCo
     h = jnp.take(params["embed"]["embedding"], tokens, axis=0)
     if cfg.arch == "gpt2":
         h = h + jnp.take(params["pos_embed"]["embedding"], positions, axis=0)
-    return h.astype(cfg.dtype)
+    return constrain_batch(h.astype(cfg.dtype))
 
 
 def lm_logits(params: dict, hidden: jax.Array, cfg: BackboneConfig) -> jax.Array:
@@ -90,7 +91,7 @@ def lm_logits(params: dict, hidden: jax.Array, cfg: BackboneConfig) -> jax.Array
         out = jnp.einsum("...d,vd->...v", hidden.astype(cfg.dtype), w)
     else:
         out = hidden.astype(cfg.dtype) @ params["lm_head"]["kernel"].astype(cfg.dtype)
-    return out.astype(jnp.float32)
+    return constrain_batch(out.astype(jnp.float32))
 
 
 def unstack_layers(tree) -> tuple:
@@ -130,7 +131,9 @@ def run_layers(
         return h, cache
 
     def block(layer, h, layer_cache):  # one layer's params / cache [B, S, K, E] -> (h [B, T, D], new layer cache)
-        return Block(cfg).apply({"params": layer}, h, positions, kv_mask, layer_cache, cache_index)
+        h, layer_cache = Block(cfg).apply({"params": layer}, constrain_batch(h), positions, kv_mask, layer_cache,
+                                          cache_index)
+        return constrain_batch(h), layer_cache
 
     policy = None if cfg.remat_policy == "none" else _POLICIES[cfg.remat_policy]
     per_layer = isinstance(params["layers"], tuple)
@@ -208,7 +211,7 @@ def forward(
     if layer_hook is not None:
         h, layer_aux = layer_hook(h)
         h, cache = run(h, start=split, end=cfg.num_layers, cache=cache)
-    h = final_norm(params, h, cfg)
+    h = constrain_batch(final_norm(params, h, cfg))
     if final_hook is not None:
         h, final_aux = final_hook(h)
     logits = lm_logits(params, h, cfg) if compute_logits else None

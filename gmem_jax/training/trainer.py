@@ -99,11 +99,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                       resume_step=start_step if restored is not None else None)
     train_step = make_train_step(cfg, mcfg, optimizer, use_memory=tc.use_memory)
 
-    state, step, train_seconds = run_steps(
-        state, frozen, train_step, lambda: _device_batch(next(iterator), mesh), start_step=start_step,
-        total_steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, schedule=schedule,
-        monitor=monitor, store=store, lr_option="train.learning_rate",
-        extra=lambda: {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
+    with jax.set_mesh(mesh):  # traced under the mesh: activations stay batch-sharded (sharding.constrain_batch)
+        state, step, train_seconds = run_steps(
+            state, frozen, train_step, lambda: _device_batch(next(iterator), mesh), start_step=start_step,
+            total_steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, schedule=schedule,
+            monitor=monitor, store=store, lr_option="train.learning_rate",
+            extra=lambda: {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
 
     if cache is not None and main:
         print(f"frozen feature cache: {cache.num_segments} distinct segments computed for {cache.served} served, "

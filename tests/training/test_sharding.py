@@ -8,8 +8,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.backbones.model import forward, init_params
 from gmem_jax.errors import GmemError
-from gmem_jax.training.sharding import (BACKBONE_RULES, batch_sharding, loader_sharding, make_mesh, memory_rules,
-                                        path_str, spec_for, tree_shardings)
+from gmem_jax.training.sharding import (BACKBONE_RULES, batch_sharding, constrain_batch, loader_sharding, make_mesh,
+                                        memory_rules, path_str, spec_for, tree_shardings)
 
 GPT2 = BackboneConfig(arch="gpt2", vocab_size=101, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                       head_dim=16, intermediate_size=256, max_position_embeddings=32, norm_eps=1e-5,
@@ -118,3 +118,30 @@ def test_sharded_forward_matches_unsharded(cfg, highest_precision):
     assert q.sharding.spec == P(None, "fsdp", "tensor") and q.addressable_shards[0].data.shape == (2, 32, 32)
     out = jax.jit(fn, in_shardings=(p_shard, batch_sharding(mesh)))(sharded_params, tokens)
     np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_activations_stay_batch_sharded_under_the_mesh(highest_precision):
+    """FSDP: under `jax.set_mesh` the forward keeps activations split over the batch and all-gathers weights
+    (no all-reduce of partial matmuls over D, batch-sharded logits); outside it, nothing is constrained and XLA
+    picks the all-reduce layout with replicated logits. Same numbers either way."""
+    mesh = make_mesh({"fsdp": 8})
+    params = init_params(LLAMA, jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, LLAMA.vocab_size)
+    p_shard = tree_shardings(params, mesh, BACKBONE_RULES)
+    sharded_params = jax.device_put(params, p_shard)
+    assert constrain_batch(tokens) is tokens  # no mesh context: the identity
+
+    def run():
+        fn = jax.jit(lambda p, t: forward(p, t, LLAMA).logits, in_shardings=(p_shard, batch_sharding(mesh)))
+        return fn(sharded_params, tokens), fn.lower(sharded_params, tokens).compile().as_text()
+
+    free, free_hlo = run()
+    with jax.set_mesh(mesh):
+        pinned, pinned_hlo = run()
+    assert pinned.sharding.spec == P("fsdp") and pinned.addressable_shards[0].data.shape == (1, 16, 128)
+    assert "all-reduce" not in pinned_hlo and "all-gather" in pinned_hlo
+    assert free.sharding.spec == P() and "all-reduce" in free_hlo  # what the constraint changes
+    np.testing.assert_allclose(np.asarray(pinned), np.asarray(free), rtol=1e-5, atol=1e-5)
+    with jax.set_mesh(mesh):  # a batch the mesh cannot split is left alone rather than failing
+        odd = jax.jit(lambda p, t: forward(p, t, LLAMA).logits)(sharded_params, tokens[:3])
+    np.testing.assert_allclose(np.asarray(odd), np.asarray(free)[:3], rtol=1e-5, atol=1e-5)
