@@ -54,8 +54,14 @@ def test_task_end_to_end_gives_full_metric_set(name, shared_data, gpt2_tok, mode
         frozen_preds = predict(examples, gpt2_tok, frozen, cfg, batch_size=8, max_new_tokens=4, show_progress=False)
         for ex in examples:
             preds[ex.meta["id"]]["reference"] = frozen_preds[ex.meta["id"]]["answer"]
+            preds[ex.meta["id"]]["reference_preds"] = frozen_preds[ex.meta["id"]]["answer_preds"]
+            # the memory pass and the frozen pass report the same answer positions, in the same order
+            assert len(preds[ex.meta["id"]]["answer_preds"]) == len(frozen_preds[ex.meta["id"]]["answer_preds"]) \
+                == int(ex.loss_mask[-1].sum())
     assert set(preds) == {e.meta["id"] for e in examples}
     scores = task.score(preds, examples)
+    if name == "zsre":  # a memory at initialisation injects exactly nothing: EasyEdit locality is 100%
+        assert scores["locality_token_agreement"] == 1.0
     assert keys <= set(scores), sorted(keys - set(scores))
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 

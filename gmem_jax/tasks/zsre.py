@@ -212,9 +212,12 @@ class ZsRETask(Task):
           '{kind}_em'        generation exact match (normalized) against the gold answer;
           'locality'         for locality examples whose prediction has 'reference' (the frozen model's own
                              answer without memory): normalized agreement of 'answer' with it;
-          '{kind}_token_em'  mean of predictions' 'token_em' (teacher-forced token accuracy, see
-                             metrics.token_em; for locality: agreement of token predictions with/without memory)
-                             where given.
+          'locality_token_agreement'  EasyEdit's locality: for locality examples whose prediction has
+                             'reference_preds' (the frozen model's teacher-forced argmax tokens on the gold
+                             answer), the fraction of answer positions where 'answer_preds' equals them, averaged
+                             per example then over examples; 'locality' above compares whole generations instead;
+          '{kind}_token_em'  mean of predictions' 'token_em' (teacher-forced token accuracy against the gold
+                             answer, see metrics.token_em) where given.
         """
         kind = lambda ex: ex.meta["kind"]  # noqa: E731
         out = {f"{k}_em": v for k, v in grouped_mean(examples, lambda ex: answer_em(predictions, ex), kind).items()}
@@ -225,7 +228,17 @@ class ZsRETask(Task):
                 return None
             return exact_match(p.get("answer", ""), [p["reference"]])
 
+        def token_agreement(ex):
+            p = predictions.get(ex.meta["id"], {})
+            if kind(ex) != "locality" or p.get("reference_preds") is None or "answer_preds" not in p:
+                return None
+            # Both lists hold the answer positions in ascending order; a memory pass limited to
+            # memory.loss_positions may hold only the first K of them, so compare the common prefix.
+            n = min(len(p["answer_preds"]), len(p["reference_preds"]))
+            return float(np.mean(np.equal(p["answer_preds"][:n], p["reference_preds"][:n]))) if n else None
+
         out.update(grouped_mean(examples, reference_agreement, kind))
+        out.update({f"{k}_token_agreement": v for k, v in grouped_mean(examples, token_agreement, kind).items()})
         token = grouped_mean(examples, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
         out.update({f"{k}_token_em": v for k, v in token.items()})
         return out

@@ -79,7 +79,9 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             mem_params: Optional[dict] = None, mcfg: Optional[MemoryConfig] = None, use_memory: bool = True,
             batch_size: int = 8, max_new_tokens: int = 16, desc: str = "eval", show_progress: bool = True
             ) -> dict[str, dict]:
-    """Predictions {id: {'answer': text, 'token_em': float, 'sp': [[title, sent_id], ...]}} for each example."""
+    """Predictions {id: {'answer': text, 'token_em': float, 'answer_preds': [int, ...], 'sp': [[title, sent_id],
+    ...]}} for each example. 'answer_preds' are the teacher-forced argmax tokens at the answer positions of the
+    last segment, in order (what EasyEdit's locality compares between a system and the unedited model)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     predictions: dict[str, dict] = {}
     starts = range(0, len(examples), batch_size)
@@ -92,7 +94,7 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             preds, pos, sp_logits, state = _memory_pass(mem_params, frozen, arrays, cfg, mcfg, use_memory)
             preds, pos = np.asarray(preds), np.asarray(pos)
             hit = preds == np.take_along_axis(last_labels, pos, 1)
-            weight = np.take_along_axis(last_loss, pos, 1)
+            weight = np.take_along_axis(last_loss, pos, 1)  # loss positions come first, in ascending order
             hooks, hook_state = generation_hooks(cfg, mcfg), (mem_params, state)
         else:
             preds = np.asarray(_frozen_pass(frozen, batch["tokens"][:, -1], batch["token_mask"][:, -1], cfg))
@@ -105,7 +107,8 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
         for i, ex in enumerate(chunk):
             ids = [int(t) for t in new_tokens[i, :lengths[i]] if t != eos]
             p = {"answer": clean_generation(tokenizer.decode(ids, skip_special_tokens=True)),
-                 "token_em": float((hit[i] & weight[i]).sum() / max(weight[i].sum(), 1))}
+                 "token_em": float((hit[i] & weight[i]).sum() / max(weight[i].sum(), 1)),
+                 "answer_preds": preds[i][weight[i]].tolist()}
             if sp_logits is not None:
                 p["sp"] = supporting_facts_from_scores(ex, jax.nn.sigmoid(np.asarray(sp_logits[i])))
             predictions[ex.meta["id"]] = p
@@ -187,7 +190,9 @@ def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained:
         for ex in examples[layout]:
             p = preds[name].get(ex.meta["id"])
             if p is not None and ex.meta.get("kind") == "locality":
-                p["reference"] = preds["frozen"].get(ex.meta["id"], {}).get("answer", "")
+                ref = preds["frozen"].get(ex.meta["id"], {})
+                p["reference"] = ref.get("answer", "")
+                p["reference_preds"] = ref.get("answer_preds")
         results[name] = task.score(preds[name], examples[layout])
         results[name]["answer_token_acc"] = float(np.mean([p["token_em"] for p in preds[name].values()]))
     return {"results": results, "seconds": seconds, "examples": len(examples["memory"]), "predictions": preds}

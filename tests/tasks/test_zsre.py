@@ -117,12 +117,16 @@ def test_score(zsre_file, gpt2_tok):
         preds[e.meta["id"]] = {"answer": e.meta["answers"][0] + ".", "token_em": 1.0}
     preds[by_kind["generalization"][0].meta["id"]] = {"answer": "wrong", "token_em": 0.5}  # the other one: missing
     loc0, loc1 = by_kind["locality"]
-    preds[loc0.meta["id"]] = {"answer": "Frozen says this", "reference": "frozen says this", "token_em": 1.0}
-    preds[loc1.meta["id"]] = {"answer": loc1.meta["answers"][0], "reference": "something else", "token_em": 0.0}
+    # EasyEdit's locality: teacher-forced argmax agreement with the frozen model, per example then averaged;
+    # loc1's memory pass kept only its first 2 answer positions (memory.loss_positions), compared as a prefix
+    preds[loc0.meta["id"]] = {"answer": "Frozen says this", "reference": "frozen says this", "token_em": 1.0,
+                              "answer_preds": [5, 6, 7, 8], "reference_preds": [5, 6, 0, 8]}
+    preds[loc1.meta["id"]] = {"answer": loc1.meta["answers"][0], "reference": "something else", "token_em": 0.0,
+                              "answer_preds": [1, 2], "reference_preds": [1, 3, 4]}
     scores = task.score(preds, exs)
     assert scores == pytest.approx({"reliability_em": 1.0, "generalization_em": 0.0, "locality_em": 0.5,
                                     "locality": 0.5, "reliability_token_em": 1.0, "generalization_token_em": 0.5,
-                                    "locality_token_em": 0.5})
+                                    "locality_token_em": 0.5, "locality_token_agreement": (3 / 4 + 1 / 2) / 2})
 
 
 def test_counterfactual_alts_and_locality_targets(zsre_file, gpt2_tok):
