@@ -27,6 +27,7 @@ from gmem_jax.backbones import model as backbone
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.modules import GMemory
+from gmem_jax.training.distributed import host_numpy
 
 EXTRACT_NAME = "memory_extract"
 
@@ -247,7 +248,8 @@ def input_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: 
 def with_input_statistics(mem_params: dict, frozen: dict, tokens, token_mask, cfg: BackboneConfig,
                           mcfg: MemoryConfig, batch_size: int = 16) -> dict:
     """Memory params whose input standardisation (standardize_inputs) uses the per-channel mean and 1/std of the
-    real tokens of `tokens`/`token_mask` [num_segments, T] (training segments), accumulated in float64."""
+    real tokens of `tokens`/`token_mask` [num_segments, T] (training segments), accumulated in float64. With
+    several processes every one must call it with the same segments (the backbone forward is collective)."""
     if not mcfg.standardize_inputs:
         return mem_params
     tokens, token_mask = np.asarray(tokens), np.asarray(token_mask).astype(bool)
@@ -256,7 +258,7 @@ def with_input_statistics(mem_params: dict, frozen: dict, tokens, token_mask, cf
     for start in range(0, len(tokens), batch_size):
         tok, msk = tokens[start:start + batch_size], token_mask[start:start + batch_size]
         for side, h in run(frozen, tok, msk, cfg, mcfg).items():
-            h = np.asarray(h, np.float64)[msk]  # [real tokens, H]
+            h = host_numpy(h).astype(np.float64)[msk]  # [real tokens, H]; gathered if sharded over hosts
             acc = sums.setdefault(side, [0.0, 0.0, 0])
             acc[0], acc[1], acc[2] = acc[0] + h.sum(0), acc[1] + (h * h).sum(0), acc[2] + len(h)
     out = dict(mem_params)

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gmem_jax.errors import GmemError
+from gmem_jax.training.distributed import host_numpy
 from gmem_jax.training.sharding import path_str
 
 log = logging.getLogger(__name__)
@@ -177,14 +178,6 @@ def install_preemption_handler(callback: Optional[Callable[[], None]] = None,
     return PreemptionWatcher(callback, signals)
 
 
-def _host_numpy(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # sharded over several hosts
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def export_params(params: dict, config: dict, path_dir: str | Path) -> Path:
     """Write trained memory params as `memory.safetensors` ('/'-joined names, e.g. 'gate/kernel') plus
     `memory_config.json` (the memory config needed to rebuild the module). Only process 0 writes; every
@@ -197,7 +190,7 @@ def export_params(params: dict, config: dict, path_dir: str | Path) -> Path:
         if any(not isinstance(k, str) or "/" in k or not k for k in keys):
             raise GmemError(f"cannot export memory parameter at {p}: export needs nested dicts with non-empty "
                             "string keys without '/'")
-        flat["/".join(keys)] = _host_numpy(x)
+        flat["/".join(keys)] = host_numpy(x)
     try:
         config_json = json.dumps(config, indent=2, sort_keys=True)
     except TypeError as e:

@@ -92,3 +92,13 @@ def host_local_batch_to_global(batch: Any, mesh: Mesh, sharding: Optional[NamedS
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, batch)
+
+
+def host_numpy(x) -> np.ndarray:
+    """A jax.Array (or anything array-like) as one numpy array on this host. An array sharded over several
+    processes is gathered first: a collective, so every process must call this at the same point."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))

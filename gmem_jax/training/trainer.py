@@ -161,13 +161,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def _initial_params(config, cfg, mcfg, frozen, examples) -> dict:
     """Fresh memory params; with memory.standardize_inputs, input statistics from the first 256 training
-    examples' segments (deterministic, so a resumed run builds the same tree before restoring it)."""
+    examples' segments (deterministic, so a resumed run builds the same tree before restoring it; every process
+    holds all training examples, so all of them estimate from the same segments)."""
     params = init_memory(jax.random.PRNGKey(config.train.seed), cfg, mcfg)
     if not mcfg.standardize_inputs:
         return params
-    if jax.process_count() > 1:
-        raise GmemError("memory.standardize_inputs estimates statistics in a single process; set it False for "
-                        "multi-host runs or pass pre-computed statistics")
     sample = collate(list(examples[:256]))
     T = sample["tokens"].shape[-1]
     return with_input_statistics(params, frozen, sample["tokens"].reshape(-1, T), sample["token_mask"].reshape(-1, T),

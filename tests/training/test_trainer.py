@@ -131,8 +131,11 @@ def _tiny_config():
 @pytest.mark.slow  # five training processes: ~1-2 min on 2 quiet cores
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     """Two processes on loopback, 4 CPU devices each (one 8-device mesh): train, checkpoint, then resume to a
-    longer run; the result equals a single-process 8-device run of the same length."""
+    longer run; the result equals a single-process 8-device run of the same length. With standardised memory
+    inputs, so the input statistics (estimated by a collective forward of the sharded backbone) agree too."""
     import socket
+
+    STD = "--config.memory.standardize_inputs=True"
 
     def launch(steps):
         with socket.socket() as s:
@@ -143,7 +146,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
             env = run_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                           JAX_PROCESS_ID=str(pid))
             procs.append(subprocess.Popen(train_cmd(tmp_path / "multi", f"--config.train.steps={steps}",
-                                                    "--config.mesh.data=2", "--config.mesh.fsdp=4"),
+                                                    "--config.mesh.data=2", "--config.mesh.fsdp=4", STD),
                                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                           cwd=Path(TINY).parents[1]))
         for p in procs:
@@ -155,7 +158,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     launch(12)  # resumes from step 8
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 8 and summary["resumed_from_step"] == 8
-    run_train(tmp_path / "single", "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
+    run_train(tmp_path / "single", "--config.mesh.data=2", "--config.mesh.fsdp=4", STD, devices=8)
     m_multi, m_single = metrics(tmp_path / "multi"), metrics(tmp_path / "single")
     assert [m["step"] for m in m_multi] == [m["step"] for m in m_single]
     for a, b in zip(m_multi, m_single):
@@ -164,5 +167,6 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     # Params agree to float noise. (Leaves with a zero true gradient, e.g. the attention key bias, move by
     # Adam-normalised rounding noise, so an absolute tolerance of a few lr-sized steps is the right scale.)
     a, b = exported(tmp_path / "multi"), exported(tmp_path / "single")
+    assert {"read_mean", "read_inv_std", "write_mean", "write_inv_std"} <= set(a)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4, err_msg=k)
