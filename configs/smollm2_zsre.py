@@ -5,6 +5,9 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
   counterfactual (default)  each train record 4x with another record's alt as the edit, so the answer is only
                             in the written edit (nothing to memorise), plus its locality question with the frozen
                             model's own answer as the target (so the memory learns to leave it alone);
+  distill                   counterfactual, but each locality question keeps its gold answer as input and learns
+                            the frozen model's argmax at every answer position (hard distillation on exactly the
+                            positions EasyEdit's locality scores), instead of the frozen model's own generation;
   plain                     the real train edits, reliability and generalization queries only.
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
@@ -14,6 +17,8 @@ from gmem_jax.configs_base import base_config
 RECIPES = {
     "counterfactual": dict(kinds=("reliability", "generalization", "locality"), counterfactual_alts=4,
                            locality_targets="frozen"),
+    "distill": dict(kinds=("reliability", "generalization", "locality"), counterfactual_alts=4,
+                    locality_targets="frozen_argmax"),
     # Locality is measured against the frozen model's own answers; training on NQ gold answers would teach the
     # memory trivia instead, so the plain recipe trains on the edit queries only.
     "plain": dict(kinds=("reliability", "generalization")),

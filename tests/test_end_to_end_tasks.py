@@ -93,6 +93,47 @@ def test_zsre_frozen_locality_targets_are_the_frozen_models_answers(shared_data,
         ["cached"]
 
 
+def test_zsre_frozen_argmax_locality_labels(shared_data, gpt2_tok, model):
+    """train_kwargs.locality_targets='frozen_argmax' -> locality examples keep the gold answer as input and their
+    answer-position labels are the frozen model's argmax there, checked against an unbatched, unpadded forward
+    of each question alone; every other label (edit queries, prompt positions) is the gold one."""
+    import ml_collections
+
+    from gmem_jax.backbones import forward
+    from gmem_jax.training import builders
+
+    cfg, frozen, _, _ = model
+    source = str(shared_data / "zsre" / "zsre_mend_edit_837.json")
+    config = ml_collections.ConfigDict(dict(
+        task=dict(name="zsre", kwargs=dict(source=source),
+                  train_kwargs=dict(kinds=("reliability", "locality"), counterfactual_alts=2,
+                                    locality_targets="frozen_argmax"),
+                  train_split="train", train_limit=3, seed=0, n_seg=2, seg_len=64, max_sents=4),
+        eval=dict(batch_size=4, max_new_tokens=4)))
+    examples = builders.build_train_examples(config, gpt2_tok, frozen, cfg)
+    gold = get_task("zsre", source=source, kinds=("reliability", "locality"), counterfactual_alts=2).examples(
+        "train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
+    assert [ex.meta["id"] for ex in examples] == [ex.meta["id"] for ex in gold]
+    kinds = [ex.meta["kind"] for ex in examples]
+    assert kinds.count("locality") == 6 and kinds.count("reliability") == 6  # 3 records x 2 variants
+    changed = 0
+    for ex, g in zip(examples, gold):
+        np.testing.assert_array_equal(ex.tokens, g.tokens)
+        np.testing.assert_array_equal(ex.loss_mask, g.loss_mask)
+        at = ex.loss_mask[-1] > 0
+        if ex.meta["kind"] != "locality":
+            np.testing.assert_array_equal(ex.labels, g.labels)
+            continue
+        n = int(ex.token_mask[-1].sum())  # real tokens come first in a segment
+        logits = forward(frozen, ex.tokens[-1][None, :n], cfg).logits[0]
+        expected = np.asarray(np.argmax(logits, -1))
+        np.testing.assert_array_equal(ex.labels[-1, :n][at[:n]], expected[at[:n]])
+        np.testing.assert_array_equal(ex.labels[-1][~at], g.labels[-1][~at])
+        np.testing.assert_array_equal(ex.labels[:-1], g.labels[:-1])
+        changed += int((ex.labels[-1][at] != g.labels[-1][at]).sum())
+    assert changed > 0  # a random model does not predict the gold answers: the labels really were replaced
+
+
 def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     """memory_reliance: a memory at initialisation (injection = identity) changes nothing; a memory whose
     injection is randomised changes predictions when another example's memory is read, but not when every

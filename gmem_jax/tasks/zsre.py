@@ -18,7 +18,9 @@ Training options (train split only; evaluation always uses the real edits):
                          portability is skipped (its answer follows from the real edit).
   locality_targets       {record index: answer} (or a JSON file of it): the locality target becomes this answer,
                          e.g. the frozen model's own (`training.builders.frozen_locality_targets`), so training
-                         teaches the memory to leave unrelated questions alone.
+                         teaches the memory to leave unrelated questions alone. (The trainer also accepts
+                         'frozen_argmax': gold answers here, labels replaced by the frozen model's argmax,
+                         `training.builders.frozen_argmax_labels`.)
 
 Split: dev is a fixed 20% (`dev_fraction`) chosen by ranking records by sha256(split_seed, subject, src, alt),
 so it is the same on every machine and does not depend on the records' order; train is the rest.
@@ -139,6 +141,9 @@ class ZsRETask(Task):
             raise GmemError(f"zsre: counterfactual_alts={counterfactual_alts} must be >= 0")
         self.source, self.kinds, self.n_distractor_edits = source, tuple(kinds), n_distractor_edits
         self.counterfactual_alts = counterfactual_alts
+        if locality_targets in ("frozen", "frozen_argmax"):
+            raise GmemError(f"zsre: locality_targets={locality_targets!r} needs the frozen model; it is resolved by "
+                            "the trainer (gmem_jax.training.builders.build_train_examples), pass a mapping here")
         if isinstance(locality_targets, (str, Path)):
             locality_targets = json.loads(Path(locality_targets).read_text())
         self.locality_targets = None if locality_targets is None else {int(k): str(v)

@@ -76,15 +76,72 @@ def frozen_locality_targets(config: ml_collections.ConfigDict, tokenizer, frozen
     return targets
 
 
+def frozen_argmax_labels(examples: list[SegmentedExample], frozen: dict, cfg: BackboneConfig, *,
+                         select, batch_size: int = 16) -> list[SegmentedExample]:
+    """Hard distillation targets. For each example `select(example)` picks, the labels at the loss positions of
+    its last segment become the frozen backbone's own argmax there (the last segment alone, teacher-forced on the
+    example's answer); other examples and positions are returned unchanged. Training on them teaches the
+    memory model to predict, token by token, what the frozen model predicts: EasyEdit's locality (ZsRE's
+    `locality_token_agreement`), which a trained injection otherwise drifts from everywhere.
+    Last segments with the same tokens (a record's counterfactual variants) run once."""
+    import dataclasses as dc
+
+    import numpy as np
+
+    from gmem_jax.training.evaluation import frozen_argmax
+
+    picked = [i for i, ex in enumerate(examples) if select(ex)]
+    unique: dict[bytes, int] = {}  # last-segment tokens -> row in `rows`
+    rows: list[int] = []
+    for i in picked:
+        key = examples[i].tokens[-1].tobytes() + examples[i].token_mask[-1].tobytes()
+        if key not in unique:
+            unique[key] = len(rows)
+            rows.append(i)
+    argmax = []
+    for start in range(0, len(rows), batch_size):
+        chunk = [examples[i] for i in rows[start:start + batch_size]]
+        pad = batch_size - len(chunk)  # a fixed batch shape: one compile
+        tokens = np.stack([ex.tokens[-1] for ex in chunk] + [np.zeros_like(chunk[0].tokens[-1])] * pad)
+        mask = np.stack([ex.token_mask[-1] for ex in chunk] + [np.ones_like(chunk[0].token_mask[-1])] * pad)
+        argmax.extend(np.asarray(frozen_argmax(frozen, tokens, mask, cfg))[:len(chunk)])
+    out = list(examples)
+    for i in picked:
+        ex = examples[i]
+        key = ex.tokens[-1].tobytes() + ex.token_mask[-1].tobytes()
+        labels = ex.labels.copy()
+        at = ex.loss_mask[-1] > 0
+        labels[-1, at] = argmax[unique[key]][at]
+        out[i] = dc.replace(ex, labels=labels, meta={**ex.meta, "labels_from": "frozen_argmax"})
+    return out
+
+
 def build_train_task(config: ml_collections.ConfigDict, tokenizer, frozen: dict, cfg: BackboneConfig,
                      workdir: Path | None = None):
     """The training task: task.kwargs + task.train_kwargs, where train_kwargs.locality_targets='frozen' is
-    replaced by the frozen model's own answers (`frozen_locality_targets`, cached in the workdir)."""
+    replaced by the frozen model's own answers (`frozen_locality_targets`, cached in the workdir), and
+    'frozen_argmax' by the gold answers (whose labels `build_train_examples` then replaces)."""
     kwargs = {**dict(config.task.kwargs), **dict(config.task.get("train_kwargs", {}))}
     if kwargs.get("locality_targets") == "frozen":
         cache = None if workdir is None else Path(workdir) / "frozen_locality_targets.json"
         kwargs["locality_targets"] = frozen_locality_targets(config, tokenizer, frozen, cfg, cache)
+    elif kwargs.get("locality_targets") == "frozen_argmax":
+        kwargs["locality_targets"] = None
     return get_task(config.task.name, **kwargs)
+
+
+def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: dict, cfg: BackboneConfig,
+                         workdir: Path | None = None) -> list[SegmentedExample]:
+    """The training examples of `build_train_task`. With train_kwargs.locality_targets='frozen_argmax' the
+    locality examples keep their gold answers as inputs and learn the frozen model's argmax at every answer
+    position (`frozen_argmax_labels`): distillation on exactly the positions EasyEdit's locality scores."""
+    task = build_train_task(config, tokenizer, frozen, cfg, workdir)
+    examples = build_examples(config, task, tokenizer, config.task.train_split, config.task.train_limit,
+                              config.task.seed)
+    if config.task.get("train_kwargs", {}).get("locality_targets") == "frozen_argmax":
+        examples = frozen_argmax_labels(examples, frozen, cfg, select=lambda ex: ex.meta.get("kind") == "locality",
+                                        batch_size=config.eval.batch_size)
+    return examples
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, task) -> Any:

@@ -56,8 +56,8 @@ def _memory_pass(mem_params, frozen, batch, cfg, mcfg, use_memory):
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
-def _frozen_pass(frozen, tokens, mask, cfg):
-    """Argmax predictions of the frozen backbone on the last segment: [B, T]."""
+def frozen_argmax(frozen, tokens, mask, cfg):
+    """Argmax next-token predictions of the frozen backbone alone: tokens/mask [B, T] -> [B, T]."""
     return jnp.argmax(forward(frozen, tokens, cfg, kv_mask=mask).logits, -1)
 
 
@@ -97,7 +97,7 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             weight = np.take_along_axis(last_loss, pos, 1)  # loss positions come first, in ascending order
             hooks, hook_state = generation_hooks(cfg, mcfg), (mem_params, state)
         else:
-            preds = np.asarray(_frozen_pass(frozen, batch["tokens"][:, -1], batch["token_mask"][:, -1], cfg))
+            preds = np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1], batch["token_mask"][:, -1], cfg))
             hit, weight, sp_logits = preds == last_labels, last_loss, None
             hooks = hook_state = None
         prompt, prompt_mask = _left_padded_prompts(batch)

@@ -68,9 +68,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
     mcfg = builders.build_memory_config(config, cfg)
-    train_task = builders.build_train_task(config, tokenizer, frozen, cfg, workdir)
-    train_examples = builders.build_examples(config, train_task, tokenizer, config.task.train_split,
-                                             config.task.train_limit, config.task.seed)
+    train_examples = builders.build_train_examples(config, tokenizer, frozen, cfg, workdir)
     eval_examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
                                             config.task.seed)
     builders.check_loss_positions(train_examples, mcfg, "training data")
