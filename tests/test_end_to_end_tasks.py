@@ -134,6 +134,18 @@ def test_zsre_frozen_argmax_locality_labels(shared_data, gpt2_tok, model):
     assert changed > 0  # a random model does not predict the gold answers: the labels really were replaced
 
 
+def test_gold_answer_prefixes_cut_long_answers(gpt2_tok):
+    """Distillation inputs: an answer longer than max_tokens is cut to its first max_tokens tokens (a text prefix
+    that tokenizes back to them); shorter ones are kept as they are."""
+    from gmem_jax.training.builders import gold_answer_prefixes
+
+    long = "the first episode of the ninth season was broadcast on a cold evening in late November of that year"
+    out = gold_answer_prefixes(gpt2_tok, {1: "The String", 2: long}, max_tokens=6)
+    assert out[1] == "The String"
+    assert long.startswith(out[2]) and out[2] != long
+    assert gpt2_tok.encode(" " + out[2]) == gpt2_tok.encode(" " + long)[:6]
+
+
 def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     """memory_reliance: a memory at initialisation (injection = identity) changes nothing; a memory whose
     injection is randomised changes predictions when another example's memory is read, but not when every

@@ -120,14 +120,32 @@ def build_train_task(config: ml_collections.ConfigDict, tokenizer, frozen: dict,
                      workdir: Path | None = None):
     """The training task: task.kwargs + task.train_kwargs, where train_kwargs.locality_targets='frozen' is
     replaced by the frozen model's own answers (`frozen_locality_targets`, cached in the workdir), and
-    'frozen_argmax' by the gold answers (whose labels `build_train_examples` then replaces)."""
+    'frozen_argmax' by the gold answers cut to DISTILL_ANSWER_TOKENS (whose labels `build_train_examples` then
+    replaces)."""
     kwargs = {**dict(config.task.kwargs), **dict(config.task.get("train_kwargs", {}))}
     if kwargs.get("locality_targets") == "frozen":
         cache = None if workdir is None else Path(workdir) / "frozen_locality_targets.json"
         kwargs["locality_targets"] = frozen_locality_targets(config, tokenizer, frozen, cfg, cache)
     elif kwargs.get("locality_targets") == "frozen_argmax":
-        kwargs["locality_targets"] = None
+        records = get_task(config.task.name, **{**kwargs, "locality_targets": None}).records(config.task.train_split)
+        kwargs["locality_targets"] = gold_answer_prefixes(tokenizer, {r.index: r.query("locality")[1] for r in records})
     return get_task(config.task.name, **kwargs)
+
+
+# Distillation needs positions, not whole answers: a few gold NQ answers run to 50+ tokens, more than a question
+# segment (or memory.loss_positions) holds, so the locality inputs are cut to their first tokens.
+DISTILL_ANSWER_TOKENS = 16
+
+
+def gold_answer_prefixes(tokenizer, answers: dict[int, str], max_tokens: int = DISTILL_ANSWER_TOKENS
+                         ) -> dict[int, str]:
+    """{key: the answer cut to its first `max_tokens` tokens (as the task tokenizes it, " " + answer)}."""
+    from gmem_jax.tasks.tokenizers import encode_batch
+
+    keys = list(answers)
+    ids = encode_batch(tokenizer, [" " + answers[k].strip() for k in keys])
+    return {k: answers[k] if len(t) <= max_tokens else tokenizer.decode(t[:max_tokens]).strip()
+            for k, t in zip(keys, ids)}
 
 
 def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: dict, cfg: BackboneConfig,
