@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
         # hidden states (final injection only; host RAM [segments, seg_len, hidden]); same result, no backbone
         # work per step
         feature_cache=False,
+        # a run directory (or its memory_export) whose exported memory starts this run instead of a fresh one,
+        # e.g. the previous stage of a curriculum; its memory.* settings must match
+        init_memory_from="",
     ))
     c.eval = ml_collections.ConfigDict(dict(
         enabled=True, batch_size=32, max_new_tokens=8,

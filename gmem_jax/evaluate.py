@@ -24,34 +24,19 @@ from pathlib import Path
 from typing import Sequence
 
 
-def load_trained(workdir: Path, cfg):
-    """(memory params, MemoryConfig) exported at the end of training, checked against `cfg`. `workdir` is a
-    training run's directory or its memory_export folder."""
-    from gmem_jax.errors import GmemError
-    from gmem_jax.memory.config import MemoryConfig
-    from gmem_jax.training.checkpoint import import_params
-
-    export = workdir / "memory_export" if (workdir / "memory_export").is_dir() else workdir
-    params, meta = import_params(export)
-    if meta.get("backbone_fingerprint") != cfg.fingerprint():
-        raise GmemError(f"the memory in {workdir} was trained on backbone {meta.get('backbone_id')} (fingerprint "
-                        f"{meta.get('backbone_fingerprint')}), not this config's ({cfg.fingerprint()}); evaluate it "
-                        "with the config it was trained with")
-    return params, MemoryConfig.from_dict(meta["memory"])
-
-
 def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> dict:
     from gmem_jax.training import builders
+    from gmem_jax.training.checkpoint import load_exported_memory
     from gmem_jax.training.evaluation import compare_systems
 
     mesh = builders.build_mesh(config)
     task = builders.build_task(config)
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
-    params, mcfg = load_trained(workdir, cfg)
+    params, mcfg = load_exported_memory(workdir, cfg)
     trained = {"memory": (params, mcfg, True)}
     if baseline_workdir is not None:
-        bparams, bmcfg = load_trained(baseline_workdir, cfg)
+        bparams, bmcfg = load_exported_memory(baseline_workdir, cfg)
         trained["no_memory"] = (bparams, bmcfg, False)
     report = compare_systems(config, task_for_layout=lambda lay: builders.build_task(config, lay), tokenizer=tokenizer,
                              frozen=frozen, cfg=cfg, trained=trained)
@@ -62,13 +47,14 @@ def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> d
 def reliance_workdir(config, workdir: Path) -> dict:
     """`memory_reliance` of the memory trained in `workdir` on the config's eval examples (memory layout)."""
     from gmem_jax.training import builders
+    from gmem_jax.training.checkpoint import load_exported_memory
     from gmem_jax.training.evaluation import memory_reliance
 
     mesh = builders.build_mesh(config)
     task = builders.build_task(config)
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, _ = builders.build_backbone(config, mesh, tokenizer)
-    params, mcfg = load_trained(workdir, cfg)
+    params, mcfg = load_exported_memory(workdir, cfg)
     examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
                                        config.task.seed)
     return memory_reliance(examples, frozen, cfg, params, mcfg, batch_size=config.eval.batch_size)

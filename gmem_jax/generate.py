@@ -48,11 +48,11 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer):
     import jax
     import numpy as np
 
-    from gmem_jax.evaluate import load_trained
+    from gmem_jax.training.checkpoint import load_exported_memory
     from gmem_jax.memory.model import initial_state, write_context
     from gmem_jax.training.evaluation import generation_hooks
 
-    mem_params, mcfg = load_trained(Path(args.memory_checkpoint), cfg)
+    mem_params, mcfg = load_exported_memory(Path(args.memory_checkpoint), cfg)
     if args.context:
         ids = tokenizer(args.context, add_special_tokens=False)["input_ids"]
         T = args.segment_len

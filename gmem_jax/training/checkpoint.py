@@ -224,3 +224,19 @@ def import_params(path_dir: str | Path) -> tuple[dict, dict]:
             node = node.setdefault(k, {})
         node[leaf] = value
     return params, config
+
+
+def load_exported_memory(workdir: str | Path, cfg) -> tuple[dict, Any]:
+    """(memory params, MemoryConfig) exported at the end of a training run, checked against the backbone config
+    `cfg` (the memory only fits the backbone it was trained on). `workdir` is a run's directory or its
+    memory_export folder."""
+    from gmem_jax.memory.config import MemoryConfig
+
+    workdir = Path(workdir)
+    export = workdir / "memory_export" if (workdir / "memory_export").is_dir() else workdir
+    params, meta = import_params(export)
+    if meta.get("backbone_fingerprint") != cfg.fingerprint():
+        raise GmemError(f"the memory in {workdir} was trained on backbone {meta.get('backbone_id')} (fingerprint "
+                        f"{meta.get('backbone_fingerprint')}), not this config's ({cfg.fingerprint()}); use it "
+                        "with the config it was trained with")
+    return params, MemoryConfig.from_dict(meta["memory"])

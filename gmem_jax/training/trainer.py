@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -157,11 +158,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return summary
 
 
+def _warm_start(fresh: dict, source: str, cfg, mcfg) -> dict:
+    """train.init_memory_from: the memory exported by an earlier run (e.g. a curriculum's previous stage), in
+    place of `fresh`. Its input statistics (standardize_inputs) come with it, not re-estimated: the weights were
+    trained against them. Refused unless every parameter has the shape a fresh memory of this config has."""
+    loaded, loaded_mcfg = checkpoint.load_exported_memory(source, cfg)
+    want = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(fresh)[0]}
+    got = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+    if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
+        diff = {k: (v, getattr(mcfg, k)) for k, v in loaded_mcfg.to_dict().items() if v != getattr(mcfg, k)}
+        raise GmemError(f"train.init_memory_from={source}: that memory's parameters do not fit this config's "
+                        f"memory (config fields that differ, theirs vs yours: {diff}); use the same memory.* "
+                        "settings")
+    return jax.tree.map(lambda f, x: jnp.asarray(x, f.dtype), fresh, loaded)
+
+
 def _initial_params(config, cfg, mcfg, frozen, examples) -> dict:
-    """Fresh memory params; with memory.standardize_inputs, input statistics from the first 256 training
-    examples' segments (deterministic, so a resumed run builds the same tree before restoring it; every process
-    holds all training examples, so all of them estimate from the same segments)."""
+    """Fresh memory params, or an earlier run's (train.init_memory_from, `_warm_start`); with
+    memory.standardize_inputs, fresh ones get input statistics from the first 256 training examples' segments
+    (deterministic, so a resumed run builds the same tree before restoring it; every process holds all training
+    examples, so all of them estimate from the same segments)."""
     params = init_memory(jax.random.PRNGKey(config.train.seed), cfg, mcfg)
+    if config.train.init_memory_from:
+        return _warm_start(params, config.train.init_memory_from, cfg, mcfg)
     if not mcfg.standardize_inputs:
         return params
     sample = collate(list(examples[:256]))

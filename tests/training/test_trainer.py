@@ -90,6 +90,28 @@ def test_checkpoint_from_other_backbone_is_refused_and_kept(tmp_path):
         np.testing.assert_array_equal(before[k], after[k])
 
 
+def test_warm_start_continues_from_an_exported_memory(tmp_path):
+    """train.init_memory_from: with a zero learning rate the second run exports exactly the first run's memory,
+    input statistics included (not re-estimated on its own, different training data); a memory of another shape
+    is refused in one line naming the config field that differs."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_train(first, "--config.train.steps=4", "--config.memory.standardize_inputs=True")
+    run_train(second, "--config.train.steps=2", "--config.memory.standardize_inputs=True",
+              "--config.task.seed=1", "--config.train.learning_rate=0.0", f"--config.train.init_memory_from={first}")
+    a, b = exported(first), exported(second)
+    assert a.keys() == b.keys() and any(k.endswith("read_mean") for k in a)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    fresh = tmp_path / "fresh"  # the same run without the warm start estimates its own statistics
+    run_train(fresh, "--config.train.steps=2", "--config.memory.standardize_inputs=True", "--config.task.seed=1",
+              "--config.train.learning_rate=0.0")
+    assert not np.array_equal(exported(fresh)["read_mean"], a["read_mean"])
+    proc = run_train(tmp_path / "bad", "--config.train.steps=2", "--config.memory.standardize_inputs=True",
+                     "--config.memory.num_slots=5", f"--config.train.init_memory_from={first}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "init_memory_from" in _error_line(proc) and "num_slots" in _error_line(proc), proc.stderr[-2000:]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     run_train(tmp_path, "--config.train.steps=4")
     good = exported(tmp_path)
