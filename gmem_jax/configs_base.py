@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
         # a run directory (or its memory_export) whose exported memory starts this run instead of a fresh one,
         # e.g. the previous stage of a curriculum; its memory.* settings must match
         init_memory_from="",
+        # per-parameter learning-rate factors, "NAME=FACTOR,...", NAME a top-level memory parameter (e.g.
+        # "inject_fuse=0.1": the final injection's fan-in is 2H, so its per-step output change is the largest)
+        lr_multipliers="",
     ))
     c.eval = ml_collections.ConfigDict(dict(
         enabled=True, batch_size=32, max_new_tokens=8,

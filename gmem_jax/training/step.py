@@ -7,13 +7,14 @@ enters the optimizer state, and the train state buffers are donated so the updat
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from gmem_jax.backbones.config import BackboneConfig
+from gmem_jax.errors import GmemError
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import forward_segments
 
@@ -29,17 +30,40 @@ def make_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int =
         end_value=learning_rate * end_lr_fraction)
 
 
+def parse_lr_multipliers(spec: str) -> dict[str, float]:
+    """'inject_fuse=0.1,decoder=0.5' -> {'inject_fuse': 0.1, 'decoder': 0.5} (train.lr_multipliers)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = -1.0
+        if not sep or not name.strip() or factor < 0:
+            raise GmemError(f"train.lr_multipliers: {item!r} is not NAME=FACTOR (FACTOR >= 0), e.g. "
+                            "'inject_fuse=0.1'")
+        out[name.strip()] = factor
+    return out
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.01,
-                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.1
-                   ) -> optax.GradientTransformation:
+                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.1,
+                   lr_multipliers: Optional[Mapping[str, float]] = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and `make_schedule`. Weight decay applies to matrices only (not biases,
-    norms, gates or the slot bank), as is usual for small adapters."""
+    norms, gates or the slot bank), as is usual for small adapters. `lr_multipliers` {top-level parameter name:
+    factor} scales the learning rate (and with it the decoupled weight decay) of those parameters, e.g. a wide
+    layer whose per-step output change, ~lr x sum|input|, is far larger than the rest's."""
     schedule = make_schedule(learning_rate=learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
                              end_lr_fraction=end_lr_fraction)
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, x: x.ndim >= 2 and "slots" not in jax.tree_util.keystr(path), params)
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+    parts = [optax.clip_by_global_norm(clip_norm),
+             optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
+    if lr_multipliers:
+        factor = lambda path: lr_multipliers.get(getattr(path[0], "key", None), 1.0)  # noqa: E731
+        parts.append(optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+            lambda path, u: u * factor(path), updates)))
+    return optax.chain(*parts)
 
 
 def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:

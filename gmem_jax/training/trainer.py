@@ -27,7 +27,8 @@ from gmem_jax.training.feature_cache import FeatureCache, cached_collate
 from gmem_jax.training.evaluation import compare_systems, predict
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
-from gmem_jax.training.step import init_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step
+from gmem_jax.training.step import (init_train_state, make_eval_step, make_optimizer, make_schedule,
+                                   make_train_step, parse_lr_multipliers)
 
 _ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label", "features",
                "write_features")
@@ -76,10 +77,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if main:
         _atomic_write_json(workdir / "config.json", builders.config_to_dict(config))
 
-    optimizer = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
-                               weight_decay=tc.weight_decay, clip_norm=tc.clip_norm)
-    schedule = make_schedule(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps)
     params = _initial_params(config, cfg, mcfg, frozen, train_examples)
+    optimizer = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
+                               weight_decay=tc.weight_decay, clip_norm=tc.clip_norm,
+                               lr_multipliers=_lr_multipliers(tc.lr_multipliers, params))
+    schedule = make_schedule(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps)
     state = init_train_state(params, optimizer)
     state_rules = sharding.memory_rules(config.mesh_shard_slots)
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, state_rules))
@@ -156,6 +158,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if main:
         _atomic_write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _lr_multipliers(spec: str, params: dict) -> dict[str, float]:
+    """train.lr_multipliers parsed and checked against the memory's top-level parameter names."""
+    out = parse_lr_multipliers(spec)
+    unknown = sorted(set(out) - set(params))
+    if unknown:
+        raise GmemError(f"train.lr_multipliers names {unknown}, which this memory does not have; its parameters "
+                        f"are {sorted(params)}")
+    return out
 
 
 def _warm_start(fresh: dict, source: str, cfg, mcfg) -> dict:

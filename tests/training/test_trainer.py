@@ -71,6 +71,7 @@ def _error_line(proc):
     ("--config.train.not_a_key=1", "not_a_key"),
     ("--config.backbone.source=/nonexistent/model", "/nonexistent/model"),
     ("--config.task.seg_len=400", "max_position_embeddings"),
+    ("--config.train.lr_multipliers=injection=0.1", "injection"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, override, needle):
     proc = run_train(tmp_path / "run", override, check=False)
