@@ -15,6 +15,8 @@
       the official HotpotQA metrics of a prediction file (prints JSON)
   plot METRIC OUT.png LABEL=DIR [LABEL=DIR ...]
       one line per system of METRIC across several eval_results.json (in DIR), e.g. LABEL = the context length
+  curves METRIC OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+      one line per training run of METRIC (from its metrics.jsonl) against the step, e.g. two learning rates
 """
 from __future__ import annotations
 
@@ -78,6 +80,30 @@ def _plot_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _curves_main(argv: Sequence[str]) -> int:
+    from gmem_jax.errors import GmemError
+    from gmem_jax.training.monitor import plot_run_curves
+
+    if len(argv) < 3 or not all("=" in a for a in argv[2:]):
+        print("usage: python -m gmem_jax.evaluate curves METRIC OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]",
+              file=sys.stderr)
+        return 2
+    runs = {}
+    for arg in argv[2:]:
+        label, _, d = arg.partition("=")
+        f = Path(d) / "metrics.jsonl"
+        if not f.is_file():
+            print(f"error: {f} does not exist; point LABEL= at a training run directory", file=sys.stderr)
+            return 2
+        runs[label] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    try:
+        print(plot_run_curves(runs, argv[0], argv[1]))
+    except GmemError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _model_main(argv) -> int:
     from absl import app, flags
     from ml_collections import config_flags
@@ -130,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return hotpotqa_main(argv[1:])
     if argv and argv[0] == "plot":
         return _plot_main(argv[1:])
+    if argv and argv[0] == "curves":
+        return _curves_main(argv[1:])
     if not argv or not argv[0].startswith("-"):  # neither a subcommand nor flags: show the usage
         print(__doc__.strip(), file=sys.stderr)
         return 2

@@ -178,3 +178,27 @@ def plot_systems(reports: dict[str, dict], metric: str, path: str | Path, *, xla
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_run_curves(runs: dict[str, list[dict]], metric: str, path: str | Path, *, title: str = "") -> Path:
+    """One line per training run of `metric` against the step, e.g. the same recipe at two learning rates.
+    runs: {label: the run's metrics.jsonl records (dicts with 'step' and `metric`)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, records in runs.items():
+        pts = [(r["step"], r[metric]) for r in records if metric in r and "step" in r]
+        if not pts:
+            raise GmemError(f"run {label!r} logged no {metric!r}; logged keys: {sorted(records[0]) if records else []}")
+        ax.plot([x for x, _ in pts], [v for _, v in pts], label=label, linewidth=1.2)
+    ax.set(xlabel="step", ylabel=metric, title=title or metric)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
