@@ -84,19 +84,17 @@ def frozen_argmax_labels(examples: list[SegmentedExample], frozen: dict, cfg: Ba
     memory model to predict, token by token, what the frozen model predicts: EasyEdit's locality (ZsRE's
     `locality_token_agreement`), which a trained injection otherwise drifts from everywhere.
     Last segments with the same tokens (a record's counterfactual variants) run once."""
-    import dataclasses as dc
-
     import numpy as np
 
     from gmem_jax.training.evaluation import frozen_argmax
 
+    last_segment = lambda ex: ex.tokens[-1].tobytes() + ex.token_mask[-1].tobytes()  # noqa: E731
     picked = [i for i, ex in enumerate(examples) if select(ex)]
-    unique: dict[bytes, int] = {}  # last-segment tokens -> row in `rows`
+    unique: dict[bytes, int] = {}  # last segment -> its row in `rows`
     rows: list[int] = []
     for i in picked:
-        key = examples[i].tokens[-1].tobytes() + examples[i].token_mask[-1].tobytes()
-        if key not in unique:
-            unique[key] = len(rows)
+        if last_segment(examples[i]) not in unique:
+            unique[last_segment(examples[i])] = len(rows)
             rows.append(i)
     argmax = []
     for start in range(0, len(rows), batch_size):
@@ -108,11 +106,9 @@ def frozen_argmax_labels(examples: list[SegmentedExample], frozen: dict, cfg: Ba
     out = list(examples)
     for i in picked:
         ex = examples[i]
-        key = ex.tokens[-1].tobytes() + ex.token_mask[-1].tobytes()
-        labels = ex.labels.copy()
-        at = ex.loss_mask[-1] > 0
-        labels[-1, at] = argmax[unique[key]][at]
-        out[i] = dc.replace(ex, labels=labels, meta={**ex.meta, "labels_from": "frozen_argmax"})
+        labels, at = ex.labels.copy(), ex.loss_mask[-1] > 0
+        labels[-1, at] = argmax[unique[last_segment(ex)]][at]
+        out[i] = dataclasses.replace(ex, labels=labels, meta={**ex.meta, "labels_from": "frozen_argmax"})
     return out
 
 
