@@ -62,21 +62,28 @@ def reliance_workdir(config, workdir: Path) -> dict:
     return memory_reliance(examples, frozen, cfg, params, mcfg, batch_size=config.eval.batch_size)
 
 
+def _labelled_files(argv: Sequence[str], command: str, filename: str, hint: str):
+    """`METRIC OUT.png LABEL=DIR ...` -> {label: DIR/filename}, or an exit code after printing what is wrong."""
+    if len(argv) < 3 or not all("=" in a for a in argv[2:]):
+        print(f"usage: python -m gmem_jax.evaluate {command} METRIC OUT.png LABEL=DIR [LABEL=DIR ...]", file=sys.stderr)
+        return 2
+    files = {}
+    for arg in argv[2:]:
+        label, _, d = arg.partition("=")
+        files[label] = Path(d) / filename
+        if not files[label].is_file():
+            print(f"error: {files[label]} does not exist; {hint.format(dir=d)}", file=sys.stderr)
+            return 2
+    return files
+
+
 def _plot_main(argv: Sequence[str]) -> int:
     from gmem_jax.training.monitor import plot_systems
 
-    if len(argv) < 3 or not all("=" in a for a in argv[2:]):
-        print("usage: python -m gmem_jax.evaluate plot METRIC OUT.png LABEL=DIR [LABEL=DIR ...]", file=sys.stderr)
-        return 2
-    reports = {}
-    for arg in argv[2:]:
-        label, _, d = arg.partition("=")
-        f = Path(d) / "eval_results.json"
-        if not f.is_file():
-            print(f"error: {f} does not exist; run python -m gmem_jax.evaluate --output_dir {d} first", file=sys.stderr)
-            return 2
-        reports[label] = json.loads(f.read_text())
-    print(plot_systems(reports, argv[0], argv[1]))
+    files = _labelled_files(argv, "plot", "eval_results.json", "run python -m gmem_jax.evaluate --output_dir {dir} first")
+    if isinstance(files, int):
+        return files
+    print(plot_systems({label: json.loads(f.read_text()) for label, f in files.items()}, argv[0], argv[1]))
     return 0
 
 
@@ -84,18 +91,11 @@ def _curves_main(argv: Sequence[str]) -> int:
     from gmem_jax.errors import GmemError
     from gmem_jax.training.monitor import plot_run_curves
 
-    if len(argv) < 3 or not all("=" in a for a in argv[2:]):
-        print("usage: python -m gmem_jax.evaluate curves METRIC OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]",
-              file=sys.stderr)
-        return 2
-    runs = {}
-    for arg in argv[2:]:
-        label, _, d = arg.partition("=")
-        f = Path(d) / "metrics.jsonl"
-        if not f.is_file():
-            print(f"error: {f} does not exist; point LABEL= at a training run directory", file=sys.stderr)
-            return 2
-        runs[label] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    files = _labelled_files(argv, "curves", "metrics.jsonl", "point LABEL= at a training run directory")
+    if isinstance(files, int):
+        return files
+    runs = {label: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            for label, f in files.items()}
     try:
         print(plot_run_curves(runs, argv[0], argv[1]))
     except GmemError as e:

@@ -172,12 +172,7 @@ def plot_systems(reports: dict[str, dict], metric: str, path: str | Path, *, xla
         ax.set_xticks(range(len(labels)), labels)
     ax.set(xlabel=xlabel, ylabel=f"{metric} (%)", title=title or metric, ylim=(0, 100))
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_run_curves(runs: dict[str, list[dict]], metric: str, path: str | Path, *, title: str = "") -> Path:
@@ -196,6 +191,13 @@ def plot_run_curves(runs: dict[str, list[dict]], metric: str, path: str | Path, 
         ax.plot([x for x, _ in pts], [v for _, v in pts], label=label, linewidth=1.2)
     ax.set(xlabel="step", ylabel=metric, title=title or metric)
     ax.legend()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and free a figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
