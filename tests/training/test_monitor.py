@@ -93,46 +93,11 @@ def test_plots(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
-def test_evaluate_plot_draws_one_line_per_system(tmp_path, monkeypatch, capsys):
-    import json
-
+@pytest.fixture
+def drawn_lines(monkeypatch):
+    """{label: (x, y)} of every line matplotlib draws during the test."""
     import matplotlib.pyplot as plt
 
-    from gmem_jax.evaluate import main
-
-    for length, mem in ((128, 0.9), (1024, 0.8)):
-        d = tmp_path / f"len{length}"
-        d.mkdir()
-        (d / "eval_results.json").write_text(json.dumps(
-            {"results": {"memory": {"em": mem}, "in_prompt": {"em": 0.5 if length == 128 else 0.1}}}))
-    lines = {}
-    real_plot = plt.Axes.plot
-
-    def spy(self, x, y, *a, **kw):  # record what is drawn
-        lines[kw.get("label")] = (list(x), list(y))
-        return real_plot(self, x, y, *a, **kw)
-
-    monkeypatch.setattr(plt.Axes, "plot", spy)
-    out = tmp_path / "plot.png"
-    assert main(["plot", "em", str(out), f"1024={tmp_path / 'len1024'}", f"128={tmp_path / 'len128'}"]) == 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert lines == {"in_prompt": ([128.0, 1024.0], [50.0, 10.0]), "memory": ([128.0, 1024.0], [90.0, 80.0])}
-    assert main(["plot", "em", str(out), f"256={tmp_path / 'missing'}"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_evaluate_curves_draws_one_line_per_run(tmp_path, monkeypatch, capsys):
-    import json
-
-    import matplotlib.pyplot as plt
-
-    from gmem_jax.evaluate import main
-
-    for name, ces in (("fast", (3.0, 1.0)), ("slow", (4.0, 2.5))):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "ce": c, "time": 0.0}) + "\n"
-                                                 for i, c in enumerate(ces)))
     lines = {}
     real_plot = plt.Axes.plot
 
@@ -141,10 +106,43 @@ def test_evaluate_curves_draws_one_line_per_run(tmp_path, monkeypatch, capsys):
         return real_plot(self, x, y, *a, **kw)
 
     monkeypatch.setattr(plt.Axes, "plot", spy)
+    return lines
+
+
+def test_evaluate_plot_draws_one_line_per_system(tmp_path, drawn_lines, capsys):
+    import json
+
+
+    from gmem_jax.evaluate import main
+
+    for length, mem in ((128, 0.9), (1024, 0.8)):
+        d = tmp_path / f"len{length}"
+        d.mkdir()
+        (d / "eval_results.json").write_text(json.dumps(
+            {"results": {"memory": {"em": mem}, "in_prompt": {"em": 0.5 if length == 128 else 0.1}}}))
+    out = tmp_path / "plot.png"
+    assert main(["plot", "em", str(out), f"1024={tmp_path / 'len1024'}", f"128={tmp_path / 'len128'}"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn_lines == {"in_prompt": ([128.0, 1024.0], [50.0, 10.0]), "memory": ([128.0, 1024.0], [90.0, 80.0])}
+    assert main(["plot", "em", str(out), f"256={tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_curves_draws_one_line_per_run(tmp_path, drawn_lines, capsys):
+    import json
+
+
+    from gmem_jax.evaluate import main
+
+    for name, ces in (("fast", (3.0, 1.0)), ("slow", (4.0, 2.5))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "ce": c, "time": 0.0}) + "\n"
+                                                 for i, c in enumerate(ces)))
     out = tmp_path / "curves.png"
     assert main(["curves", "ce", str(out), f"lr 1={tmp_path / 'fast'}", f"lr 2={tmp_path / 'slow'}"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert lines == {"lr 1": ([10, 20], [3.0, 1.0]), "lr 2": ([10, 20], [4.0, 2.5])}
+    assert drawn_lines == {"lr 1": ([10, 20], [3.0, 1.0]), "lr 2": ([10, 20], [4.0, 2.5])}
     assert main(["curves", "gate_open", str(out), f"a={tmp_path / 'fast'}"]) == 2
     assert "no 'gate_open'" in capsys.readouterr().err
     assert main(["curves", "ce", str(out), f"a={tmp_path / 'missing'}"]) == 2
