@@ -53,7 +53,10 @@ def init_memory(rng: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig) -> dict
     """Fresh memory params (the only trainable tree)."""
     mcfg.check_backbone(cfg.num_layers)
     h = jnp.zeros((1, 2, cfg.hidden_size), jnp.float32)
-    return memory_module(cfg, mcfg).init(rng, h, jnp.ones((1, 2), bool))["params"]
+    # jitted: run eagerly, flax init compiles every initialiser op on its own (~10 s on 2 CPU cores); the values
+    # are bitwise the same either way.
+    init = jax.jit(lambda r: memory_module(cfg, mcfg).init(r, h, jnp.ones((1, 2), bool))["params"])
+    return init(rng)
 
 
 def _call(mem_params, cfg, mcfg, method, *args, **kw):
