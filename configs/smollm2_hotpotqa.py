@@ -4,23 +4,20 @@
 
     python -m gmem_jax.train --config configs/smollm2_hotpotqa.py --workdir runs/smollm2_hotpotqa
 """
-from gmem_jax.configs_base import base_config
+from gmem_jax.configs_base import smollm2_config
 
 DATA = "../shared/data/hotpotqa"
 
 
 def get_config():
-    c = base_config()
-    c.backbone.source = "smollm2"
-    c.tokenizer = "backbone"
-    c.memory.update(num_slots=1024, mem_dim=256, num_heads=4, injection="final", sp_head=True, sp_weight=1.0,
-                    loss_positions=32)
+    c = smollm2_config()
+    c.memory.update(sp_head=True, sp_weight=1.0, loss_positions=32)
     # 5 context segments of 256 tokens (~1,280 context tokens; older paragraphs are dropped beyond that), the
     # question in the last one.
     c.task.update(name="hotpotqa", n_seg=6, seg_len=256, max_sents=24, train_split="train", eval_split="validation",
                   kwargs=dict(source=f"{DATA}/dev_distractor_23.json"),
                   train_kwargs=dict(source=f"{DATA}/fullwiki_dev500.jsonl",
                                     exclude_ids=f"{DATA}/dev_distractor_23.json"))
-    c.train.update(steps=60, batch_size=4, learning_rate=2e-3, warmup_steps=6, log_every=10, checkpoint_every=30)
+    c.train.update(steps=60, batch_size=4, warmup_steps=6, log_every=10, checkpoint_every=30)
     c.eval.update(batch_size=8, max_new_tokens=16, baselines=True)
     return c

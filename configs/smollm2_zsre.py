@@ -12,7 +12,7 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
 """
-from gmem_jax.configs_base import base_config
+from gmem_jax.configs_base import smollm2_config
 
 RECIPES = {
     "counterfactual": dict(kinds=("reliability", "generalization", "locality"), counterfactual_alts=4,
@@ -28,12 +28,10 @@ RECIPES = {
 def get_config(recipe: str = "counterfactual"):
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; use configs/smollm2_zsre.py:{'|'.join(RECIPES)}")
-    c = base_config()
-    c.backbone.source = "smollm2"
-    c.tokenizer = "backbone"
-    c.memory.update(num_slots=1024, mem_dim=256, num_heads=4, injection="final", loss_positions=24)
+    c = smollm2_config()
+    c.memory.update(loss_positions=24)
     c.task.update(name="zsre", n_seg=2, seg_len=64, max_sents=4, train_split="train", eval_split="dev",
                   kwargs=dict(source="../shared/data/zsre/zsre_mend_edit_837.json"), train_kwargs=RECIPES[recipe])
-    c.train.update(steps=300, batch_size=8, learning_rate=2e-3, warmup_steps=30, log_every=10, checkpoint_every=100)
+    c.train.update(steps=300, batch_size=8, warmup_steps=30, log_every=10, checkpoint_every=100)
     c.eval.update(batch_size=16, max_new_tokens=12, baselines=True)
     return c

