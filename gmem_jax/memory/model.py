@@ -52,11 +52,15 @@ def memory_module(cfg: BackboneConfig, mcfg: MemoryConfig) -> GMemory:
 def init_memory(rng: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig) -> dict:
     """Fresh memory params (the only trainable tree)."""
     mcfg.check_backbone(cfg.num_layers)
+    return _init_memory(rng, cfg, mcfg)
+
+
+# Compiled as one program (eagerly, flax init compiles every initialiser op on its own: ~10 s on 2 CPU cores) and
+# cached per (cfg, mcfg); the values are bitwise the same either way.
+@partial(jax.jit, static_argnums=(1, 2))
+def _init_memory(rng: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig) -> dict:
     h = jnp.zeros((1, 2, cfg.hidden_size), jnp.float32)
-    # jitted: run eagerly, flax init compiles every initialiser op on its own (~10 s on 2 CPU cores); the values
-    # are bitwise the same either way.
-    init = jax.jit(lambda r: memory_module(cfg, mcfg).init(r, h, jnp.ones((1, 2), bool))["params"])
-    return init(rng)
+    return memory_module(cfg, mcfg).init(rng, h, jnp.ones((1, 2), bool))["params"]
 
 
 def _call(mem_params, cfg, mcfg, method, *args, **kw):
