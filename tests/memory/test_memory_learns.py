@@ -36,20 +36,29 @@ def _train_and_score(use_memory, n_people, steps, n_train):
     # The answer's first token: the first loss position of the last segment.
     pos = np.asarray(out.positions)[:, -1, 0]
     gold = dev["labels"][np.arange(len(pos)), -1, pos]
-    return float((np.asarray(out.predictions)[:, -1, 0] == gold).mean()), task.chance_level()
+    pred = np.asarray(out.predictions)[:, -1, 0]
+    right = pred == gold
+    # A wrong answer that is a token of the context: with two people, the other person's city.
+    stated = np.array([p in set(ctx.tolist()) for p, ctx in zip(pred, dev["tokens"][:, :-1].reshape(len(pred), -1))])
+    return float(right.mean()), float((stated & ~right).mean()), task.chance_level()
 
 
 @pytest.mark.parametrize("n_people, steps, n_train, floor", [(1, 300, 4096, 0.9)])
 def test_memory_learns_recall_that_no_memory_cannot(n_people, steps, n_train, floor):
-    with_memory, chance = _train_and_score(True, n_people, steps, n_train)
-    without, _ = _train_and_score(False, n_people, steps, n_train)
+    with_memory, _, chance = _train_and_score(True, n_people, steps, n_train)
+    without, _, _ = _train_and_score(False, n_people, steps, n_train)
     assert with_memory >= floor, (with_memory, without, chance)
     assert without <= chance + 0.1, (with_memory, without, chance)
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known limitation (docs/results.md, 'Copy, not binding'): the memory copies "
+                   "a stated city but picks the asked person's no more often than the other person's")
 def test_memory_binds_person_to_city_among_distractor_people():
-    """Two people in the context: the memory must bind who lives where, not just remember a city."""
-    with_memory, chance = _train_and_score(True, 2, 1500, 10000)
-    without, _ = _train_and_score(False, 2, 1500, 10000)
-    assert with_memory >= 0.5 and without <= chance + 0.1, (with_memory, without, chance)
+    """Two people in the context: the memory must bind who lives where, not just remember a city. Copying either
+    stated city already answers about half right, so the test asks for the right city far more often than the
+    other person's."""
+    with_memory, other_city, chance = _train_and_score(True, 2, 1500, 10000)
+    without, _, _ = _train_and_score(False, 2, 1500, 10000)
+    assert without <= chance + 0.1, (without, chance)
+    assert with_memory >= 0.8 and other_city <= 0.1, (with_memory, other_city, without, chance)
