@@ -49,14 +49,14 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
 def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: tensorboardX tries `import torch` at import time (to
     accept torch tensors, which we never pass), which costs ~2.5 CPU-seconds per run wherever torch is installed."""
-    if "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    block = "torch" not in sys.modules  # already imported by the caller: nothing to save
+    if block:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if block:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
