@@ -8,7 +8,7 @@ from gmem_jax.errors import GmemError
 
 GATES = ("update", "gru")
 INJECTIONS = ("final", "residual")
-WRITE_ATTENTIONS = ("tokens", "slots")
+WRITE_ATTENTIONS = ("tokens", "slots", "keyed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,11 @@ class MemoryConfig:
       tokens (softmax over tokens), so every slot receives an average of the segment. "slots": slots compete for
       each token (softmax over slots, as in Slot Attention, Locatello et al. 2020), each slot stores the mean of
       the tokens it won, and its update gate is scaled by min(1, tokens won): a slot that wins nothing keeps its
-      content, so what one example writes lands in a few slots instead of being averaged into all of them.
+      content, so what one example writes lands in a few slots instead of being averaged into all of them. "keyed": like
+      "slots", but a slot's address is a fixed learned key [mem_dim] (per head), separate from its content, and the
+      read matches each token's query to those keys too. A token can thus store one thing (a city) at an address
+      made from another (the person it is about) and be found by it: key/value separation, as in a fast-weight
+      memory (Schlag et al. 2021). Each token's write weight is scaled by a learned strength in (0, 1).
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`

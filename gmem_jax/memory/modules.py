@@ -8,10 +8,14 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
     decode:  D(x) = Linear(M->H) -> LayerNorm -> GELU -> Linear(H->H)              [B, T, M] -> [B, T, H]
     write:   A = MHA(query=Mem, key=value=E(h), padding-masked)                    [B, S, M]
              (write_attention="slots": softmax over slots per token, A_s = mean of the tokens slot s won,
-              and the gate below is scaled by w_s = min(1, tokens won by s))
+              and the gate below is scaled by w_s = min(1, tokens won by s);
+              write_attention="keyed": the same, but tokens are matched to fixed learned slot addresses K [S, M]
+              instead of the slots' contents, each token's share is scaled by a learned strength sigmoid(u.x_t),
+              and the read below uses those addresses too)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
+             (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
              residual: h' = h + g * r, g [H] = 0 at init
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
@@ -61,8 +65,12 @@ class GMemory(nn.Module):
         if c.write_attention == "tokens":
             self.write_attn = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=M, out_features=M,
                                                               dtype=dt)
-        else:  # the same four projections, used by _slot_competitive_write
+        elif c.write_attention == "slots":  # the same four projections, used by _slot_competitive_write
             self.write_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
+        else:  # keyed: addresses separate from contents; write_q maps a reading token to its query
+            self.slot_keys = self.param("slot_keys", nn.initializers.normal(1.0), (c.num_slots, M))
+            self.read_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
+            self.write_strength = nn.Dense(1, dtype=dt)
         n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
         bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
         self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),
@@ -98,17 +106,27 @@ class GMemory(nn.Module):
         return self.encoder(h.astype(self.cfg.dtype))
 
     # ---- write (consolidate) -----------------------------------------------------------------------------
+    def _split_heads(self, y: jax.Array) -> jax.Array:
+        """[..., L, M] -> [..., L, heads, M / heads] in float32."""
+        nh = self.cfg.num_heads
+        return y.reshape(y.shape[:-1] + (nh, y.shape[-1] // nh)).astype(jnp.float32)
+
     def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array):
         """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S]).
 
         Per head, every real token distributes one unit of weight over the slots (softmax over S); slot s stores
         the weighted mean of the values of what it won, and its write strength is min(1, weight won), averaged
-        over heads. With S >> T most slots win almost nothing, so they (and the gate) leave them as they were."""
+        over heads. With S >> T most slots win almost nothing, so they (and the gate) leave them as they were.
+        A slot's address is its content ("slots") or its fixed learned key ("keyed"; there each token's unit of
+        weight is also scaled by a learned strength in (0, 1), so a token can decline to be stored)."""
         B, S, M = state.shape
-        nh = self.cfg.num_heads
-        split = lambda y: y.reshape(y.shape[:2] + (nh, M // nh)).astype(jnp.float32)  # [B, L, nh, M/nh]
-        q, k, v = split(self.write_q(state.astype(self.cfg.dtype))), split(self.write_k(x)), split(self.write_v(x))
-        logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(M // nh)
+        if self.cfg.write_attention == "keyed":
+            q = jnp.broadcast_to(self._split_heads(self.slot_keys), (B,) + (S, self.cfg.num_heads, M // self.cfg.num_heads))
+            mask = mask * jax.nn.sigmoid(self.write_strength(x)[..., 0].astype(jnp.float32))
+        else:
+            q = self._split_heads(self.write_q(state.astype(self.cfg.dtype)))
+        k, v = self._split_heads(self.write_k(x)), self._split_heads(self.write_v(x))  # [B, T, nh, M/nh]
+        logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(q.shape[-1])
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         won = share.sum(-1)  # [B, nh, S]
         a = jnp.einsum("bhst,bthd->bshd", share / (won[..., None] + _EPS), v).reshape(B, S, M)
@@ -147,12 +165,18 @@ class GMemory(nn.Module):
     def read(self, state: jax.Array, h: jax.Array):
         """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
         c = self.cfg
-        q = self.encode(h).astype(jnp.float32)
-        logits = jnp.einsum("btm,bsm->bts", q, state) / jnp.sqrt(c.mem_dim)
-        if c.importance_in_read:
-            logits = logits + jnp.log(self.importance(state) + _EPS)[:, None, :]
-        alpha = jax.nn.softmax(logits, axis=-1)
-        retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
+        x = self.encode(h)
+        bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
+        if c.write_attention == "keyed":  # per head: match the slots' addresses, read that head's part of them
+            q, keys = self._split_heads(self.read_q(x)), self._split_heads(self.slot_keys)  # [B,T,nh,d], [S,nh,d]
+            logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
+            alpha = jax.nn.softmax(logits, axis=-1)
+            retrieved = jnp.einsum("bths,bshd->bthd", alpha, self._split_heads(state)).reshape(x.shape)
+            alpha = alpha.mean(2)
+        else:
+            logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
+            alpha = jax.nn.softmax(logits, axis=-1)
+            retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
         return self.decoder(retrieved.astype(c.dtype)).astype(jnp.float32), alpha
 
     def inject(self, h: jax.Array, r: jax.Array) -> jax.Array:

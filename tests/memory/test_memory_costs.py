@@ -24,7 +24,8 @@ def test_gpt2_124m_layout_has_the_published_parameter_count():
 
 
 @pytest.mark.parametrize("gate, injection, write_attention, standardize", [("update", "final", "tokens", False),
-                                                                           ("gru", "residual", "slots", True)])
+                                                                           ("gru", "residual", "slots", True),
+                                                                           ("update", "final", "keyed", False)])
 def test_memory_parameter_count_matches_the_formula(gate, injection, write_attention, standardize):
     H, M, S = 768, 512, 1024
     mcfg = MemoryConfig(num_slots=S, mem_dim=M, num_heads=8, gate=gate, injection=injection, read_layer=6,
@@ -33,7 +34,8 @@ def test_memory_parameter_count_matches_the_formula(gate, injection, write_atten
     expected = (S * M  # slot bank
                 + dense(H, 2 * M) + 2 * (2 * M) + dense(2 * M, M)  # encoder: Linear, LayerNorm, Linear
                 + dense(M, H) + 2 * H + dense(H, H)  # decoder
-                + 4 * dense(M, M)  # write attention q, k, v, out
+                + 4 * dense(M, M)  # write attention q, k, v, out (keyed: the read's q, write k, v, out)
+                + ((S * M + dense(M, 1)) if write_attention == "keyed" else 0)  # slot addresses, token strength
                 + dense(2 * M, (2 if gate == "gru" else 1) * M) + (dense(2 * M, M) if gate == "gru" else 0)
                 + dense(M, M // 4) + dense(M // 4, 1)  # importance MLP
                 + (dense(2 * H, H) if injection == "final" else H)  # injection

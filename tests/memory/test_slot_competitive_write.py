@@ -1,8 +1,10 @@
-"""write_attention="slots": slots compete for each token. Checked against a NumPy transcription of the rule, and
-for the properties a write must keep (padding writes nothing, examples do not see each other)."""
+"""write_attention="slots" / "keyed": slots compete for each token. Checked against a NumPy transcription of the
+rule (and of the keyed read), and for the properties a write must keep (padding writes nothing, examples do not see
+each other)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gmem_jax.memory.model import init_memory, memory_module
 from gmem_jax.memory.modules import GMemory
@@ -10,9 +12,9 @@ from gmem_jax.memory.modules import GMemory
 from memory_testlib import small_memory, tiny_backbone
 
 
-def _setup(gate="update"):
+def _setup(gate="update", write_attention="slots"):
     cfg, _ = tiny_backbone("llama")
-    mcfg = small_memory("final", gate=gate, write_attention="slots")
+    mcfg = small_memory("final", gate=gate, write_attention=write_attention)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
@@ -27,15 +29,18 @@ def _numpy_write(mem, mcfg, state, x, mask):
     B, S, M = state.shape
     nh, d = mcfg.num_heads, M // mcfg.num_heads
     out = np.zeros_like(state)
+    keyed = mcfg.write_attention == "keyed"
     for b in range(B):
-        q, k, v = lin("write_q", state[b]), lin("write_k", x[b]), lin("write_v", x[b])
+        q = p["slot_keys"] if keyed else lin("write_q", state[b])
+        k, v = lin("write_k", x[b]), lin("write_v", x[b])
+        weight = mask[b] * (1 / (1 + np.exp(-lin("write_strength", x[b])[:, 0])) if keyed else 1.0)
         a = np.zeros((S, M))
         strength = np.zeros(S)
         for hd in range(nh):
             cols = slice(hd * d, (hd + 1) * d)
             logits = q[:, cols] @ k[:, cols].T / np.sqrt(d)  # [S, T]
             share = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)  # softmax over slots
-            share = share * mask[b][None, :]
+            share = share * weight[None, :]
             won = share.sum(1)
             for s in range(S):
                 a[s, cols] = (share[s] @ v[:, cols]) / (won[s] + 1e-6)
@@ -47,8 +52,9 @@ def _numpy_write(mem, mcfg, state, x, mask):
     return out
 
 
-def test_slot_competitive_write_matches_a_numpy_transcription():
-    mcfg, mem, call, h, state = _setup()
+@pytest.mark.parametrize("write_attention", ["slots", "keyed"])
+def test_slot_competitive_write_matches_a_numpy_transcription(write_attention):
+    mcfg, mem, call, h, state = _setup(write_attention=write_attention)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, jnp.asarray(mask), method=GMemory.write)
     x = np.asarray(call(h, method=GMemory.encode), np.float64)
@@ -57,8 +63,9 @@ def test_slot_competitive_write_matches_a_numpy_transcription():
     assert float(jnp.abs(new - state).max()) > 1e-2
 
 
-def test_slot_competitive_write_ignores_padding_and_other_examples():
-    mcfg, mem, call, h, state = _setup(gate="gru")
+@pytest.mark.parametrize("write_attention", ["slots", "keyed"])
+def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention):
+    mcfg, mem, call, h, state = _setup(gate="gru", write_attention=write_attention)
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, mask, method=GMemory.write)
     # What sits under padding does not matter.
@@ -71,3 +78,28 @@ def test_slot_competitive_write_ignores_padding_and_other_examples():
     # A segment with no real tokens leaves the memory bit for bit, even with the gate forced open.
     empty, _ = call(state, h, jnp.zeros_like(mask), 1.0, method=GMemory.write)
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(state))
+
+
+def test_keyed_read_matches_a_numpy_transcription():
+    """keyed: each head matches the token's query against the fixed slot addresses (plus log importance) and reads
+    that head's part of the slots' contents; alpha is the head average."""
+    mcfg, mem, call, h, state = _setup(write_attention="keyed")
+    r, alpha = call(state, h, method=GMemory.read)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), mem)
+    x = np.asarray(call(h, method=GMemory.encode), np.float64)
+    s = np.asarray(call(state, method=GMemory.importance), np.float64)
+    B, S, M = state.shape
+    nh, d = mcfg.num_heads, M // mcfg.num_heads
+    q = x @ p["read_q"]["kernel"] + p["read_q"]["bias"]  # [B, T, M]
+    retrieved, mean_alpha = np.zeros(x.shape), np.zeros(np.asarray(alpha).shape)
+    for b in range(B):
+        for hd in range(nh):
+            cols = slice(hd * d, (hd + 1) * d)
+            logits = q[b][:, cols] @ p["slot_keys"][:, cols].T / np.sqrt(d) + np.log(s[b] + 1e-6)[None, :]
+            a = np.exp(logits - logits.max(1, keepdims=True))
+            a /= a.sum(1, keepdims=True)
+            retrieved[b][:, cols] = a @ np.asarray(state[b], np.float64)[:, cols]
+            mean_alpha[b] += a / nh
+    np.testing.assert_allclose(np.asarray(alpha), mean_alpha, rtol=1e-4, atol=1e-6)
+    expected = call(jnp.asarray(retrieved, jnp.float32), method=lambda m, y: m.decoder(y))
+    np.testing.assert_allclose(np.asarray(r), np.asarray(expected), rtol=1e-4, atol=1e-5)
