@@ -25,7 +25,8 @@ class MemoryConfig:
       "slots", but a slot's address is a fixed learned key [mem_dim] (per head), separate from its content, and the
       read matches each token's query to those keys too. A token can thus store one thing (a city) at an address
       made from another (the person it is about) and be found by it: key/value separation, as in a fast-weight
-      memory (Schlag et al. 2021). Each token's write weight is scaled by a learned strength in (0, 1).
+      memory (Schlag et al. 2021). Each token's write weight is scaled by a learned strength in (0, 1), and a
+      slot's gate by the weight it won relative to its head's most-written slot (not min(1, won)).
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`

@@ -11,7 +11,7 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               and the gate below is scaled by w_s = min(1, tokens won by s);
               write_attention="keyed": the same, but tokens are matched to fixed learned slot addresses K [S, M]
               instead of the slots' contents, each token's share is scaled by a learned strength sigmoid(u.x_t),
-              and the read below uses those addresses too)
+              w_s = won_s / max won (per head), and the read below uses those addresses too)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
@@ -117,8 +117,11 @@ class GMemory(nn.Module):
         Per head, every real token distributes one unit of weight over the slots (softmax over S); slot s stores
         the weighted mean of the values of what it won, and its write strength is min(1, weight won), averaged
         over heads. With S >> T most slots win almost nothing, so they (and the gate) leave them as they were.
-        A slot's address is its content ("slots") or its fixed learned key ("keyed"; there each token's unit of
-        weight is also scaled by a learned strength in (0, 1), so a token can decline to be stored)."""
+        A slot's address is its content ("slots") or its fixed learned key ("keyed"). Keyed differs twice more:
+        each token's unit of weight is scaled by a learned strength in (0, 1), so a token can decline to be
+        stored, and a slot's write strength is the weight it won relative to the most-written slot of its head.
+        With min(1, won) and S >> T, an unsharpened address gives every slot ~T/S: the write is too weak to
+        learn from (synthetic binding test at 256 slots: 37% right vs 96% with the relative strength)."""
         B, S, M = state.shape
         if self.cfg.write_attention == "keyed":
             q = jnp.broadcast_to(self._split_heads(self.slot_keys), (B,) + (S, self.cfg.num_heads, M // self.cfg.num_heads))
@@ -130,7 +133,11 @@ class GMemory(nn.Module):
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         won = share.sum(-1)  # [B, nh, S]
         a = jnp.einsum("bhst,bthd->bshd", share / (won[..., None] + _EPS), v).reshape(B, S, M)
-        return self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32), jnp.minimum(won, 1.0).mean(1)
+        if self.cfg.write_attention == "keyed":  # relative: the most-written slot of a head gets the full gate
+            strength = won / (won.max(-1, keepdims=True) + _EPS)
+        else:
+            strength = jnp.minimum(won, 1.0)
+        return self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32), strength.mean(1)
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None):
         """Consolidate a segment into memory.

@@ -44,7 +44,7 @@ def _numpy_write(mem, mcfg, state, x, mask):
             won = share.sum(1)
             for s in range(S):
                 a[s, cols] = (share[s] @ v[:, cols]) / (won[s] + 1e-6)
-            strength += np.minimum(won, 1.0) / nh
+            strength += (won / (won.max() + 1e-6) if keyed else np.minimum(won, 1.0)) / nh
         a = lin("write_o", a)
         z = 1 / (1 + np.exp(-lin("gate", np.concatenate([state[b], a], -1))))
         z = z * strength[:, None] * mask[b].any()
