@@ -11,7 +11,7 @@ from gmem_jax.errors import GmemError
 from gmem_jax.memory.model import forward_segments, frozen_features
 from gmem_jax.training.feature_cache import FeatureCache
 
-from trainer_testlib import exported, metrics, run_train
+from trainer_testlib import STANDARD, exported, metrics, run_train
 
 import sys
 from pathlib import Path
@@ -89,11 +89,10 @@ def test_write_layer_writes_from_the_final_normed_residual_stream_of_that_block(
     assert float(jnp.abs(other - got).max()) > 1e-3  # the final-layer write is a different one
 
 
-def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path):
-    plain, cached = tmp_path / "plain", tmp_path / "cached"
-    # standardize_inputs also runs here: its statistics are estimated in the trainer before step 1.
-    run_train(plain, "--config.memory.standardize_inputs=True")
-    proc = run_train(cached, "--config.train.feature_cache=True", "--config.memory.standardize_inputs=True")
+def test_trainer_with_feature_cache_matches_the_uncached_run(tmp_path, standard_run):
+    plain, cached = standard_run, tmp_path / "cached"
+    # STANDARD has standardize_inputs on: its statistics are estimated in the trainer before step 1.
+    proc = run_train(cached, "--config.train.feature_cache=True", *STANDARD)
     assert "distinct segments" in proc.stdout + proc.stderr
     fc = json.loads((cached / "summary.json").read_text())["feature_cache"]
     assert json.loads((plain / "summary.json").read_text())["feature_cache"] is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_testlib import FAST, TINY, exported, metrics, run_env, run_train, train_cmd
+from trainer_testlib import FAST, STANDARD, TINY, exported, metrics, run_env, run_train, train_cmd
 
 
 def test_tiny_config_trains_end_to_end_and_writes_summary(tmp_path):
@@ -28,10 +28,9 @@ def test_tiny_config_trains_end_to_end_and_writes_summary(tmp_path):
     assert list(tmp_path.glob("*.png")), "plots missing"
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run_train(straight)
-    proc = subprocess.Popen(train_cmd(killed), env=run_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, standard_run):
+    straight, killed = standard_run, tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, *STANDARD), env=run_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=Path(TINY).parents[1])
     deadline = time.time() + 300
     ckpts = killed / "checkpoints"
@@ -42,7 +41,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    run_train(killed)  # the same command resumes from the newest complete checkpoint
+    run_train(killed, *STANDARD)  # the same command resumes from the newest complete checkpoint
     a, b = exported(straight), exported(killed)
     assert a.keys() == b.keys()
     for k in a:
@@ -51,10 +50,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] in (4, 8)
 
 
-def test_eight_devices_fsdp_match_one_device(tmp_path):
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    run_train(one, "--config.mesh.data=1", "--config.mesh.fsdp=1", devices=1)
-    run_train(eight, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
+def test_eight_devices_fsdp_match_one_device(tmp_path, standard_run):
+    one, eight = standard_run, tmp_path / "eight"  # one device: the mesh is data=1, fsdp=1
+    run_train(eight, *STANDARD, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
     m1, m8 = metrics(one), metrics(eight)
     assert [m["step"] for m in m1] == [m["step"] for m in m8]
     for a, b in zip(m1, m8):

@@ -12,6 +12,9 @@ FAST = ["--config.train.steps=12", "--config.train.log_every=2", "--config.train
         "--config.task.train_limit=256", "--config.task.eval_limit=8", "--config.eval.enabled=False",
         "--config.train.batch_size=8", "--config.train.async_checkpoint=False"]
 
+# The one plain run several tests compare against (conftest's `standard_run` fixture runs it once per session).
+STANDARD = ("--config.memory.standardize_inputs=True",)
+
 
 def train_cmd(workdir, *overrides):
     return [sys.executable, "-m", "gmem_jax.train", f"--config={TINY}", f"--workdir={workdir}", *FAST, *overrides]
