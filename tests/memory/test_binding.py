@@ -51,17 +51,18 @@ def _train_and_score(write_attention, bind=0.3, steps=800, batch=32):
         return optax.softmax_cross_entropy_with_integer_labels(logits(params, context, query), y).mean()
 
     opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 50, steps))
-    opt_state = opt.init(params)
 
     @jax.jit
-    def step(params, opt_state, context, query, y):
-        grads = jax.grad(loss)(params, context, query, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+    def train(params, data):  # one compiled loop over pre-drawn batches: no per-step dispatch
+        def step(carry, batch):
+            params, opt_state = carry
+            updates, opt_state = opt.update(jax.grad(loss)(params, *batch), opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+        return jax.lax.scan(step, (params, opt.init(params)), data)[0][0]
 
-    rng = np.random.default_rng(1)
-    for _ in range(steps):
-        params, opt_state = step(params, opt_state, *_facts(rng, batch, bind, world)[:3])
+    context, query, right, _ = _facts(np.random.default_rng(1), steps * batch, bind, world)
+    split = lambda x: x.reshape((steps, batch) + x.shape[1:])  # noqa: E731
+    params = train(params, tuple(map(split, (context, query, right))))
     context, query, right, other = _facts(np.random.default_rng(2), 500, bind, world)
     pred = np.asarray(jax.jit(logits)(params, context, query).argmax(-1))
     return float((pred == right).mean()), float((pred == other).mean())
