@@ -67,7 +67,7 @@ class GMemory(nn.Module):
                                                               dtype=dt)
         elif c.write_attention == "slots":  # the same four projections, used by _slot_competitive_write
             self.write_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
-        else:  # keyed: addresses separate from contents; write_q maps a reading token to its query
+        else:  # keyed: addresses separate from contents; read_q maps a reading token to its query
             self.slot_keys = self.param("slot_keys", nn.initializers.normal(1.0), (c.num_slots, M))
             self.read_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
             self.write_strength = nn.Dense(1, dtype=dt)
@@ -121,10 +121,12 @@ class GMemory(nn.Module):
         each token's unit of weight is scaled by a learned strength in (0, 1), so a token can decline to be
         stored, and a slot's write strength is the weight it won relative to the most-written slot of its head.
         With min(1, won) and S >> T, an unsharpened address gives every slot ~T/S: the write is too weak to
-        learn from (synthetic binding test at 256 slots: 37% right vs 96% with the relative strength)."""
+        learn from (synthetic binding features at 256 slots: 37% right vs 96% with the relative strength;
+        docs/results.md, "Binding")."""
         B, S, M = state.shape
         if self.cfg.write_attention == "keyed":
-            q = jnp.broadcast_to(self._split_heads(self.slot_keys), (B,) + (S, self.cfg.num_heads, M // self.cfg.num_heads))
+            keys = self._split_heads(self.slot_keys)  # [S, nh, M/nh], the same for every example
+            q = jnp.broadcast_to(keys, (B,) + keys.shape)
             mask = mask * jax.nn.sigmoid(self.write_strength(x)[..., 0].astype(jnp.float32))
         else:
             q = self._split_heads(self.write_q(state.astype(self.cfg.dtype)))

@@ -43,9 +43,10 @@ BACKBONE_RULES: Rules = (
     # biases and norm scales: small, replicated (no rule).
 )
 
-# Memory leaves whose name matches are the slot bank [slots, mem_dim]; the only memory tensor worth sharding.
+# Memory leaves whose name matches are the slot bank [slots, mem_dim] (and the keyed write's slot addresses, the
+# same shape): the only memory tensors worth sharding.
 # re.search, so the same rule also places the optimizer's moments (opt_state/.../mu/.../slots) like the params.
-SLOT_BANK_PATTERN = r"(^|/)(slots|slot_bank|memory_bank)$"
+SLOT_BANK_PATTERN = r"(^|/)(slots|slot_bank|memory_bank|slot_keys)$"
 
 
 def memory_rules(shard_slots: bool = False) -> Rules:
