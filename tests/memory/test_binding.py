@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.modules import GMemory
@@ -19,8 +18,8 @@ PEOPLE, CITIES, H = 32, 16, 32
 
 def _facts(rng, batch, bind, world):
     e_person, e_city, rel, rot = world
-    people = np.stack([rng.choice(PEOPLE, 2, replace=False) for _ in range(batch)])  # [B, 2]
-    cities = np.stack([rng.choice(CITIES, 2, replace=False) for _ in range(batch)])  # two different cities
+    two_of = lambda n: np.argsort(rng.random((batch, n)), axis=1)[:, :2]  # noqa: E731  two different, per row
+    people, cities = two_of(PEOPLE), two_of(CITIES)  # [B, 2] each
     tokens = []
     for j in range(2):
         p = e_person[people[:, j]]
