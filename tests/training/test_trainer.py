@@ -1,5 +1,6 @@
 """The trainer end to end: smoke run, resume after SIGKILL, 1 vs 8 devices, bad input."""
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -78,23 +79,28 @@ def test_bad_input_fails_with_one_line(tmp_path, override, needle):
     assert "Traceback" not in proc.stderr or needle == "not_a_key"
 
 
-def test_checkpoint_from_other_backbone_is_refused_and_kept(tmp_path):
-    run_train(tmp_path, "--config.train.steps=4")
-    before = exported(tmp_path)
-    proc = run_train(tmp_path, "--config.train.steps=8", "--config.backbone.random.hidden_size=32", check=False)
+def test_checkpoint_from_other_backbone_is_refused_and_kept(tmp_path, standard_run):
+    run = tmp_path / "run"
+    shutil.copytree(standard_run, run)  # a finished run with checkpoints at steps 8 and 12
+    before = exported(run)
+    proc = run_train(run, *STANDARD, "--config.train.steps=16", "--config.backbone.random.hidden_size=32",
+                     check=False)
     assert proc.returncode == 2 and "fingerprint" in _error_line(proc), proc.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
-    after = exported(tmp_path)
+    assert _checkpoint_steps(run) == [8, 12]
+    after = exported(run)
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
 
 
-def test_warm_start_continues_from_an_exported_memory(tmp_path):
+def _checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_warm_start_continues_from_an_exported_memory(tmp_path, standard_run):
     """train.init_memory_from: with a zero learning rate the second run exports exactly the first run's memory,
     input statistics included (not re-estimated on its own, different training data); a memory of another shape
     is refused in one line naming the config field that differs."""
-    first, second = tmp_path / "first", tmp_path / "second"
-    run_train(first, "--config.train.steps=4", "--config.memory.standardize_inputs=True")
+    first, second = standard_run, tmp_path / "second"  # first: 12 steps with standardised inputs
     run_train(second, "--config.train.steps=2", "--config.memory.standardize_inputs=True",
               "--config.task.seed=1", "--config.train.learning_rate=0.0", f"--config.train.init_memory_from={first}")
     a, b = exported(first), exported(second)
@@ -111,14 +117,15 @@ def test_warm_start_continues_from_an_exported_memory(tmp_path):
     assert "init_memory_from" in _error_line(proc) and "num_slots" in _error_line(proc), proc.stderr[-2000:]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    run_train(tmp_path, "--config.train.steps=4")
-    good = exported(tmp_path)
-    proc = run_train(tmp_path, "--config.train.steps=12", "--config.train.learning_rate=1e30",
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, standard_run):
+    run = tmp_path / "run"
+    shutil.copytree(standard_run, run)
+    good = exported(run)
+    proc = run_train(run, *STANDARD, "--config.train.steps=24", "--config.train.learning_rate=1e30",
                      "--config.train.clip_norm=1e30", "--config.train.warmup_steps=0", check=False)
     assert proc.returncode == 2 and "non-finite" in _error_line(proc), proc.stderr[-2000:]
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4]
-    for k, v in exported(tmp_path).items():  # the export of the good run is untouched too
+    assert _checkpoint_steps(run) == [8, 12]  # nothing written after the loss went non-finite
+    for k, v in exported(run).items():  # the export of the good run is untouched too
         np.testing.assert_array_equal(v, good[k])
 
 
@@ -175,7 +182,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
             assert p.returncode == 0, err[-3000:]
 
     launch(8)
-    assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 8]
+    assert _checkpoint_steps(tmp_path / "multi") == [4, 8]
     launch(12)  # resumes from step 8
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 8 and summary["resumed_from_step"] == 8
