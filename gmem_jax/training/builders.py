@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from gmem_jax.backbones import BackboneConfig, init_params
 from gmem_jax.errors import GmemError
@@ -155,7 +156,18 @@ def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: d
     if config.task.get("train_kwargs", {}).get("locality_targets") == "frozen_argmax":
         examples = frozen_argmax_labels(examples, frozen, cfg, select=lambda ex: ex.meta.get("kind") == "locality",
                                         batch_size=config.eval.batch_size)
-    return examples
+    return first_loss_targets(examples, config.train.get("loss_targets", 0))
+
+
+def first_loss_targets(examples: list[SegmentedExample], n: int) -> list[SegmentedExample]:
+    """Each example with only the first `n` loss targets of each segment kept (n = 0: unchanged). Targets are
+    the answer tokens then the EOS, so n = 1 trains on the answer's first token alone."""
+    if n < 0:
+        raise GmemError(f"train.loss_targets={n} must be >= 0 (0 = every answer target)")
+    if not n:
+        return examples
+    keep = lambda m: m * ((np.cumsum(m > 0, axis=-1) <= n) & (m > 0))  # noqa: E731  m [n_seg, seg_len]
+    return [dataclasses.replace(ex, loss_mask=keep(ex.loss_mask).astype(ex.loss_mask.dtype)) for ex in examples]
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, task) -> Any:

@@ -155,3 +155,18 @@ def test_collate_stacks_pads_and_checks_shapes():
     broken = SegmentedExample(**{**exs[0].__dict__, "loss_mask": exs[0].loss_mask.astype(np.float64)})
     with pytest.raises(GmemError, match="field loss_mask is float64"):
         collate([broken])
+
+
+def test_first_loss_targets_keeps_the_answers_first_tokens_only():
+    from gmem_jax.training.builders import first_loss_targets
+
+    ex = build(random_units(np.random.default_rng(0), 3, 16), n_seg=6)
+    targets = lambda e: e.labels[e.loss_mask > 0].tolist()  # noqa: E731  in reading order
+    assert targets(ex) == ANSWER + [EOS]
+    for n, want in ((1, ANSWER[:1]), (2, ANSWER), (3, ANSWER + [EOS]), (9, ANSWER + [EOS])):
+        (cut,) = first_loss_targets([ex], n)
+        assert targets(cut) == want, n
+        assert cut.loss_mask.dtype == ex.loss_mask.dtype and np.array_equal(cut.labels, ex.labels)
+    assert first_loss_targets([ex], 0)[0] is ex
+    with pytest.raises(GmemError, match="loss_targets"):
+        first_loss_targets([ex], -1)
