@@ -44,8 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
         # per-parameter learning-rate factors, "NAME=FACTOR,...", NAME a top-level memory parameter (e.g.
         # "inject_fuse=0.1": the final injection's fan-in is 2H, so its per-step output change is the largest)
         lr_multipliers="",
-        # train on only the first N answer targets of each segment (0 = all: the answer and its EOS). 1 trains the
-        # memory on the answer's first token alone; docs/results.md ("The EOS target") has why that can matter
+        # train on only the first N answer targets of each segment (0 = all: the answer and its EOS). 1 trains on
+        # the answer's first token alone: a diagnostic for one-token answers (later tokens and the EOS go untrained,
+        # so generation of longer answers breaks); docs/results.md, "The EOS target"
         loss_targets=0,
     ))
     c.eval = ml_collections.ConfigDict(dict(

@@ -156,7 +156,7 @@ def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: d
     if config.task.get("train_kwargs", {}).get("locality_targets") == "frozen_argmax":
         examples = frozen_argmax_labels(examples, frozen, cfg, select=lambda ex: ex.meta.get("kind") == "locality",
                                         batch_size=config.eval.batch_size)
-    return first_loss_targets(examples, config.train.get("loss_targets", 0))
+    return first_loss_targets(examples, config.get("train", {}).get("loss_targets", 0))
 
 
 def first_loss_targets(examples: list[SegmentedExample], n: int) -> list[SegmentedExample]:
