@@ -47,6 +47,12 @@ class MemoryConfig:
     remat: recompute each segment's activations in the backward pass (activation memory flat in #segments).
     loss_positions: if > 0, logits are computed only at this many positions per segment (those with loss), so a
       QA task never materialises [seq, vocab] logits it does not use. 0 = all positions.
+    read_grad_targets: if > 0, only the first N answer targets of each segment send gradient into what the read
+      retrieves (the read's addressing, the memory's contents and, through them, the write); the later targets (the
+      rest of a multi-token answer, the EOS) still train the decoder and the injection, and the forward pass is
+      unchanged. 0 = every target trains everything. Final injection only. Why: under teacher forcing the input at the EOS position is the
+      answer itself, so its read is queried by the answer; on the tiny backbone that gradient keeps the keyed write
+      from binding facts to their subject (docs/results.md, "The EOS target").
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -65,6 +71,7 @@ class MemoryConfig:
     bptt_depth: int = 0
     remat: bool = True
     loss_positions: int = 0
+    read_grad_targets: int = 0
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -83,8 +90,11 @@ class MemoryConfig:
         if self.write_layer >= 0 and self.injection != "final":
             raise GmemError("memory write_layer applies to injection='final' only (a residual injection writes from "
                             "its read_layer); leave write_layer=-1")
-        if self.num_slots < 1 or self.bptt_depth < 0 or self.loss_positions < 0:
-            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions >= 0")
+        if self.read_grad_targets and self.injection != "final":
+            raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
+                            "each read on to later tokens through attention); leave read_grad_targets=0")
+        if self.num_slots < 1 or min(self.bptt_depth, self.loss_positions, self.read_grad_targets) < 0:
+            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions, read_grad_targets >= 0")
 
     def check_backbone(self, num_layers: int) -> None:
         if self.write_layer >= num_layers:

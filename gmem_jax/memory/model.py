@@ -73,15 +73,15 @@ def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, bat
 
 
 def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig,
-                 frozen: Optional[dict] = None) -> dict:
+                 frozen: Optional[dict] = None, detach: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S]). Pass `frozen` where
     the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
-    `write_source`); reading alone (decoding) does not need it."""
+    `write_source`); reading alone (decoding) does not need it. `detach` [B, T]: see `GMemory.read`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
-        r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h)
+        r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h, detach)
         return _call(mem_params, cfg, mcfg, GMemory.inject, h, r), (h, alpha)
 
     if mcfg.injection != "final":
@@ -104,6 +104,14 @@ def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
     """Indices [B, K] of the positions with loss first (stable), so logits are computed only where needed."""
     order = jnp.argsort(-loss_mask, axis=-1, stable=True)
     return order[:, :k] if k else order
+
+
+def _later_targets(loss_mask: jax.Array, n: int) -> Optional[jax.Array]:
+    """[B, T] True at the loss targets after a segment's first `n` (None if n = 0: nothing is detached)."""
+    if not n:
+        return None
+    has_loss = loss_mask > 0
+    return has_loss & (jnp.cumsum(has_loss, axis=-1) > n)
 
 
 def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -156,7 +164,7 @@ def forward_segments(
     def seg_step(state, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
         state = jnp.where(rst[:, None, None], init, state)
-        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen)
+        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, _later_targets(lmask, mcfg.read_grad_targets))
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden

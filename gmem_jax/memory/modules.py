@@ -171,8 +171,10 @@ class GMemory(nn.Module):
         return z * cand + (1.0 - z) * state, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def read(self, state: jax.Array, h: jax.Array):
-        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
+    def read(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None):
+        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S]). `detach`
+        [B, T] bool: tokens whose retrieved vector is a gradient constant (memory.read_grad_targets); only the
+        decoder behind it still learns from them."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
@@ -186,6 +188,8 @@ class GMemory(nn.Module):
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
             alpha = jax.nn.softmax(logits, axis=-1)
             retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
+        if detach is not None:
+            retrieved = jnp.where(detach[..., None], jax.lax.stop_gradient(retrieved), retrieved)
         return self.decoder(retrieved.astype(c.dtype)).astype(jnp.float32), alpha
 
     def inject(self, h: jax.Array, r: jax.Array) -> jax.Array:

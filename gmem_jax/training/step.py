@@ -46,17 +46,21 @@ def parse_lr_multipliers(spec: str) -> dict[str, float]:
     return out
 
 
+# Parameters that are states or addresses, not maps: decaying them towards 0 would erase what they hold.
+_NO_DECAY = ("slots", "slot_keys")
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, weight_decay: float = 0.01,
                    clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.1,
                    lr_multipliers: Optional[Mapping[str, float]] = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and `make_schedule`. Weight decay applies to matrices only (not biases,
-    norms, gates or the slot bank), as is usual for small adapters. `lr_multipliers` {top-level parameter name:
+    norms, gates, the slot bank or the keyed write's slot addresses), as is usual for small adapters. `lr_multipliers` {top-level parameter name:
     factor} scales the learning rate (and with it the decoupled weight decay) of those parameters, e.g. a wide
     layer whose per-step output change, ~lr x sum|input|, is far larger than the rest's."""
     schedule = make_schedule(learning_rate=learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
                              end_lr_fraction=end_lr_fraction)
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, x: x.ndim >= 2 and "slots" not in jax.tree_util.keystr(path), params)
+        lambda path, x: x.ndim >= 2 and getattr(path[0], "key", None) not in _NO_DECAY, params)
     parts = [optax.clip_by_global_norm(clip_norm),
              optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
     if lr_multipliers:

@@ -1,4 +1,6 @@
 """The properties the memory must have: identity at init, frozen params untouched, isolation, causality, gates."""
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +147,38 @@ def test_gate_closed_keeps_memory_open_overwrites(gate):
     # A segment with no real tokens leaves memory bit-for-bit unchanged even when the gate is forced open.
     empty, _ = call(state, h, jnp.zeros((2, 5), bool), 1.0, method=GMemory.write)
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(state))
+
+
+def test_read_grad_targets_stops_later_targets_training_the_retrieval():
+    """memory.read_grad_targets=1: the second answer target's loss trains the decoder and the injection but sends
+    no gradient into the read's addressing, the memory's contents or the write; the forward pass is unchanged."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0, remat=False)
+    mem = perturbed_memory(cfg, mcfg)
+    b = random_batch(cfg, B=2, N=2, T=8, loss_frac=0.0)
+    b["token_mask"][:] = True
+    both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
+    both[:, 1, 4:6], first[:, 1, 4] = 1.0, 1.0  # the question segment's first two answer targets / its first only
+
+    @partial(jax.jit, static_argnums=0)
+    def grads(m, lmask):
+        return jax.value_and_grad(lambda p: forward_segments(p, frozen, {**b, "loss_mask": lmask}, cfg, m).loss)(mem)
+
+    loss_detached, g_detached = grads(mcfg.replace(read_grad_targets=1), both)
+    loss_all, g_all = grads(mcfg, both)
+    _, g_first = grads(mcfg, first)
+    assert float(loss_detached) == float(loss_all)
+    downstream = ("decoder", "inject_fuse")  # behind the retrieved vector: every target trains them
+    for name in g_first:
+        if name in downstream:
+            continue
+        # the CE is a mean over targets: twice the targets, half the weight of the first one's gradient
+        jax.tree.map(lambda a, f: np.testing.assert_allclose(np.asarray(a), 0.5 * np.asarray(f), rtol=2e-4,
+                                                             atol=1e-7), g_detached[name], g_first[name])
+        assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(g_first[name])), name
+    gap = lambda g, h, name: max(np.abs(np.asarray(x) - np.asarray(y)).max()  # noqa: E731
+                                 for x, y in zip(jax.tree.leaves(g[name]), jax.tree.leaves(h[name])))
+    for name in downstream:  # exactly what training on every target gives them, which is not the first's alone
+        assert gap(g_detached, g_all, name) == 0, name
+        assert gap(g_detached, jax.tree.map(lambda x: 0.5 * x, g_first), name) > 1e-4, name
+    assert gap(g_detached, g_all, "slot_keys") > 1e-4  # without the option the second target moves the addresses
