@@ -31,6 +31,9 @@ class MemoryConfig:
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
       (g is a per-channel gate initialised at 0) so the remaining frozen layers process what was retrieved.
+    token_gate: final injection only: the fused update W[h; r] + b is split into W_h h + b + g W_r r, and each token
+      scales what it read by its own gate g = sigmoid(v.[h; r] + c), so the memory can stay out of a position where
+      what it reads does not matter (the EOS after an answer) without shrinking the map it uses where it does.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -47,12 +50,11 @@ class MemoryConfig:
     remat: recompute each segment's activations in the backward pass (activation memory flat in #segments).
     loss_positions: if > 0, logits are computed only at this many positions per segment (those with loss), so a
       QA task never materialises [seq, vocab] logits it does not use. 0 = all positions.
-    read_grad_targets: if > 0, only the first N answer targets of each segment send gradient into what the read
-      retrieves (the read's addressing, the memory's contents and, through them, the write); the later targets (the
-      rest of a multi-token answer, the EOS) still train the decoder and the injection, and the forward pass is
-      unchanged. 0 = every target trains everything. Final injection only. Why: under teacher forcing the input at the EOS position is the
-      answer itself, so its read is queried by the answer; on the tiny backbone that gradient keeps the keyed write
-      from binding facts to their subject (docs/results.md, "The EOS target").
+    read_grad_targets: if > 0, only the first N answer targets of each segment train anything of the memory: at the
+      later targets (the rest of a multi-token answer, the EOS) what the read adds to the hidden state is a gradient
+      constant, so they train only the injection's map of h (W_h h + b). The forward pass is unchanged; 0 = every
+      target trains everything. Final injection only. On the tiny backbone the EOS target otherwise keeps the keyed
+      write from binding facts to their subject (docs/results.md, "The EOS target").
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -64,6 +66,7 @@ class MemoryConfig:
     write_attention: str = "tokens"
     gate_bias: float = -1.0
     injection: str = "final"
+    token_gate: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -90,6 +93,9 @@ class MemoryConfig:
         if self.write_layer >= 0 and self.injection != "final":
             raise GmemError("memory write_layer applies to injection='final' only (a residual injection writes from "
                             "its read_layer); leave write_layer=-1")
+        if self.token_gate and self.injection != "final":
+            raise GmemError("memory token_gate applies to injection='final' only (residual has its own gate); leave "
+                            "token_gate=False")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

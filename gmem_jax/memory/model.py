@@ -77,12 +77,12 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S]). Pass `frozen` where
     the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
-    `write_source`); reading alone (decoding) does not need it. `detach` [B, T]: see `GMemory.read`."""
+    `write_source`); reading alone (decoding) does not need it. `detach` [B, T]: see `GMemory.inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
-        r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h, detach)
-        return _call(mem_params, cfg, mcfg, GMemory.inject, h, r), (h, alpha)
+        r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h)
+        return _call(mem_params, cfg, mcfg, GMemory.inject, h, r, detach), (h, alpha)
 
     if mcfg.injection != "final":
         return {"layer_hook": hook, "hook_layer": mcfg.read_layer}

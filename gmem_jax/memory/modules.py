@@ -17,6 +17,7 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
+                       (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init)
              residual: h' = h + g * r, g [H] = 0 at init
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
 """
@@ -82,6 +83,9 @@ class GMemory(nn.Module):
             # W_inj [h; r] + b written as h + W[h; r] + b with W, b = 0 at init: the same function class as the
             # author's fusion, but the identity at init holds exactly at any matmul precision (bf16 TPU passes).
             self.inject_fuse = nn.Dense(H, dtype=dt, kernel_init=nn.initializers.zeros)
+            if c.token_gate:  # W[h; r] split in two, so the gate can scale the memory's half W_r r alone
+                self.inject_read = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
+                self.inject_token_gate = nn.Dense(1, dtype=dt)
         else:
             self.inject_gate = self.param("inject_gate", nn.initializers.zeros, (H,))
         if c.sp_head:
@@ -171,10 +175,8 @@ class GMemory(nn.Module):
         return z * cand + (1.0 - z) * state, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def read(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None):
-        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S]). `detach`
-        [B, T] bool: tokens whose retrieved vector is a gradient constant (memory.read_grad_targets); only the
-        decoder behind it still learns from them."""
+    def read(self, state: jax.Array, h: jax.Array):
+        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
@@ -188,15 +190,26 @@ class GMemory(nn.Module):
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
             alpha = jax.nn.softmax(logits, axis=-1)
             retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
-        if detach is not None:
-            retrieved = jnp.where(detach[..., None], jax.lax.stop_gradient(retrieved), retrieved)
         return self.decoder(retrieved.astype(c.dtype)).astype(jnp.float32), alpha
 
-    def inject(self, h: jax.Array, r: jax.Array) -> jax.Array:
-        """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation)."""
+    def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None) -> jax.Array:
+        """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
+        `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
+        gradient constant, so their loss trains only the injection's map of h (W_h h + b), nothing of the memory."""
         if self.cfg.injection == "final":
-            delta = self.inject_fuse(jnp.concatenate([h, r], -1).astype(self.cfg.dtype))
-            out = h.astype(jnp.float32) + delta.astype(jnp.float32)
+            dt = self.cfg.dtype
+            if self.cfg.token_gate:  # each token decides how much of what the memory read it takes
+                from_h = self.inject_fuse(h.astype(dt))
+                from_r = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, r], -1).astype(dt))) * \
+                    self.inject_read(r.astype(dt))
+            elif detach is not None:  # W[h; r] + b = (W[h; 0] + b) + (the rest)
+                from_h = self.inject_fuse(jnp.concatenate([h, jnp.zeros_like(r)], -1).astype(dt))
+                from_r = self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)) - from_h
+            else:
+                from_h, from_r = self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)), 0.0
+            if detach is not None:
+                from_r = jnp.where(detach[..., None], jax.lax.stop_gradient(from_r), from_r)
+            out = h.astype(jnp.float32) + (from_h + from_r).astype(jnp.float32)
         else:
             out = h.astype(jnp.float32) + self.inject_gate * r
         return out.astype(h.dtype)
