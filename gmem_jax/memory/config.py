@@ -52,7 +52,7 @@ class MemoryConfig:
       QA task never materialises [seq, vocab] logits it does not use. 0 = all positions.
     read_grad_targets: if > 0, only the first N answer targets of each segment train anything of the memory: at the
       later targets (the rest of a multi-token answer, the EOS) what the read adds to the hidden state is a gradient
-      constant, so they train only the injection's map of h (W_h h + b). The forward pass is unchanged; 0 = every
+      constant, so they train only the injection's map of h (W_h h + b) and the token gate. The forward pass is unchanged; 0 = every
       target trains everything. Final injection only. On the tiny backbone the EOS target otherwise keeps the keyed
       write from binding facts to their subject (docs/results.md, "The EOS target").
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).

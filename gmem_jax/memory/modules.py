@@ -195,20 +195,21 @@ class GMemory(nn.Module):
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None) -> jax.Array:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
-        gradient constant, so their loss trains only the injection's map of h (W_h h + b), nothing of the memory."""
+        gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
+        the memory reads."""
         if self.cfg.injection == "final":
             dt = self.cfg.dtype
-            if self.cfg.token_gate:  # each token decides how much of what the memory read it takes
-                from_h = self.inject_fuse(h.astype(dt))
-                from_r = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, r], -1).astype(dt))) * \
-                    self.inject_read(r.astype(dt))
+            later = (lambda x: x) if detach is None else (  # noqa: E731
+                lambda x: jnp.where(detach[..., None], jax.lax.stop_gradient(x), x))
+            if self.cfg.token_gate:  # each token decides how much of what the memory read it takes; the later
+                # targets train that decision too, but through the gate alone, not through what was read
+                gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, later(r)], -1).astype(dt)))
+                from_h, from_r = self.inject_fuse(h.astype(dt)), gate * later(self.inject_read(r.astype(dt)))
             elif detach is not None:  # W[h; r] + b = (W[h; 0] + b) + (the rest)
                 from_h = self.inject_fuse(jnp.concatenate([h, jnp.zeros_like(r)], -1).astype(dt))
-                from_r = self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)) - from_h
+                from_r = later(self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)) - from_h)
             else:
                 from_h, from_r = self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)), 0.0
-            if detach is not None:
-                from_r = jnp.where(detach[..., None], jax.lax.stop_gradient(from_r), from_r)
             out = h.astype(jnp.float32) + (from_h + from_r).astype(jnp.float32)
         else:
             out = h.astype(jnp.float32) + self.inject_gate * r
