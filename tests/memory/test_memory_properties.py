@@ -149,15 +149,19 @@ def test_gate_closed_keeps_memory_open_overwrites(gate):
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(state))
 
 
-def test_read_grad_targets_stops_later_targets_training_the_memory():
-    """memory.read_grad_targets=1: the second answer target's loss trains the injection's map of h (W_h h + b) but
-    nothing the read contributes (its half of the injection, decoder, addressing, contents, write); the forward
-    pass is unchanged."""
+@pytest.mark.parametrize("token_gate", [False, True])
+def test_read_grad_targets_stops_later_targets_training_the_memory(token_gate):
+    """memory.read_grad_targets=1: the second answer target's loss trains the injection's map of h (W_h h + b) and
+    the token gate, but nothing the read contributes (its half of the injection, the decoder, the addressing, the
+    contents, the write); the forward pass is unchanged."""
     cfg, frozen = tiny_backbone("llama")
-    mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0)
+    mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0,
+                        token_gate=token_gate)
     mem = perturbed_memory(cfg, mcfg)
     b = random_batch(cfg, B=2, N=2, T=8, loss_frac=0.0)
     b["token_mask"][:] = True
+    # hidden states in place of the frozen backbone's (a final-injection memory only sees those): a smaller program
+    b["features"] = np.random.default_rng(1).standard_normal((2, 2, 8, cfg.hidden_size)).astype(np.float32)
     both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
     both[:, 1, 4:6], first[:, 1, 4] = 1.0, 1.0  # the question segment's first two answer targets / its first only
 
@@ -170,25 +174,29 @@ def test_read_grad_targets_stops_later_targets_training_the_memory():
     _, g_first = grads(mcfg, first)
     assert float(loss_detached) == float(loss_all)
     H = cfg.hidden_size
-    split = lambda g: {**g, "inject_fuse": {"from_h": (g["inject_fuse"]["kernel"][:H], g["inject_fuse"]["bias"]),  # noqa: E731
-                                            "from_r": g["inject_fuse"]["kernel"][H:]}}
-    g_detached, g_all, g_first = map(split, (g_detached, g_all, g_first))
+
+    def split(g):  # (what every target trains, what only the first trains)
+        g = dict(g)
+        if token_gate:
+            every = (g.pop("inject_fuse"), g.pop("inject_token_gate"))
+        else:
+            fuse = g.pop("inject_fuse")
+            every, g["inject_fuse_r"] = (fuse["kernel"][:H], fuse["bias"]), fuse["kernel"][H:]
+        return every, g
+
+    (e_detached, m_detached), (e_all, m_all), (e_first, m_first) = map(split, (g_detached, g_all, g_first))
     gap = lambda g, h: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())  # noqa: E731
                            for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(h)))
-    half_first = jax.tree.map(lambda x: 0.5 * x, g_first)  # the CE is a mean: twice the targets, half the weight
-    for name in g_first:
-        parts = ("from_r",) if name == "inject_fuse" else (None,)
-        for part in parts:
-            pick = (lambda g: g[name][part]) if part else (lambda g: g[name])  # noqa: E731
-            jax.tree.map(lambda a, f: np.testing.assert_allclose(np.asarray(a), np.asarray(f), rtol=2e-4, atol=1e-7),
-                         pick(g_detached), pick(half_first))
-            assert max(np.abs(np.asarray(x)).max() for x in jax.tree.leaves(pick(g_first))) > 0, name
-    # W_h h + b: what training on every target gives it (to rounding: W[h; r] is computed in two parts), which is
-    # not the first target's alone
-    assert gap(g_detached["inject_fuse"]["from_h"], g_all["inject_fuse"]["from_h"]) < 1e-7
-    assert gap(g_detached["inject_fuse"]["from_h"], half_first["inject_fuse"]["from_h"]) > 1e-4
+    for name in m_first:  # the CE is a mean: twice the targets, half the weight of the first one's gradient
+        jax.tree.map(lambda a, f: np.testing.assert_allclose(np.asarray(a), 0.5 * np.asarray(f), rtol=2e-4,
+                                                             atol=1e-7), m_detached[name], m_first[name])
+        assert max(np.abs(np.asarray(x)).max() for x in jax.tree.leaves(m_first[name])) > 0, name
+    # what every target trains gets what training on all of them gives (to rounding: W[h; r] is computed in two
+    # parts), which is not the first target's alone
+    assert gap(e_detached, e_all) < 1e-6
+    assert gap(e_detached, jax.tree.map(lambda x: 0.5 * x, e_first)) > 1e-4
     for name in ("slot_keys", "decoder"):  # without the option the second target trains the memory too
-        assert gap(g_detached[name], g_all[name]) > 1e-5, name
+        assert gap(m_detached[name], m_all[name]) > 1e-5, name
 
 
 def test_token_gate_scales_only_what_was_read():
