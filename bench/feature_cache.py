@@ -2,9 +2,10 @@
 frozen backbone, side by side in one run, plus what building the cache costs per segment.
 
 Random weights at the SmolLM2-135M shape, the QA layout of the configs (loss at 8 positions per segment, 1024
-slots x 256, final injection): the demo's documents (3 x 32 tokens) and ZsRE's (2 x 64 tokens), batch 8.
+slots x 256, final injection): the demo's documents (3 x 32 tokens, also with 64 slots) and ZsRE's (2 x 64
+tokens), batch 8.
 
-    python -m bench.feature_cache [--quick] [--repeats 5]
+    python -m bench.feature_cache [--quick] [--repeats 5] [--slots 1024,64]
 """
 from __future__ import annotations
 
@@ -56,13 +57,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--slots", default="1024,64", help="slot counts for the demo layout (the step's cost that "
+                    "remains with cached features scales with them)")
     args = ap.parse_args()
     cfg = common.smollm2_135m()
     if args.quick:
         cfg = common.quick_shape(cfg)
     mcfg = MemoryConfig(num_slots=1024, mem_dim=256, num_heads=4, injection="final", loss_positions=8)
-    rows = [bench_layout("demo 3x32", cfg, mcfg, 8, 3, 32, args.repeats),
-            bench_layout("zsre 2x64", cfg, mcfg, 8, 2, 64, args.repeats)]
+    rows = [bench_layout(f"demo 3x32, {s} slots", cfg, mcfg.replace(num_slots=s), 8, 3, 32, args.repeats)
+            for s in map(int, args.slots.split(","))]
+    rows.append(bench_layout("zsre 2x64, 1024 slots", cfg, mcfg, 8, 2, 64, args.repeats))
     common.print_table(rows)
     common.write_result("feature_cache", {"model": "smollm2-135m shape, random weights", "memory": mcfg.to_dict(),
                                           "rows": rows}, args.quick)

@@ -43,3 +43,17 @@ def test_parse_lr_multipliers():
     for bad in ("inject_fuse", "inject_fuse=x", "=0.1", "a=-1"):
         with pytest.raises(GmemError, match="NAME=FACTOR"):
             parse_lr_multipliers(bad)
+
+
+def test_weight_decay_spares_the_slot_bank_and_slot_addresses():
+    """AdamW's decoupled decay shrinks matrices, but not what the memory holds or where it files it."""
+    params = {"slots": jnp.ones((4, 3)), "slot_keys": jnp.ones((4, 3)), "decoder": {"kernel": jnp.ones((3, 3)),
+                                                                                  "bias": jnp.ones(3)}}
+    opt = make_optimizer(learning_rate=0.1, total_steps=10, warmup_steps=0, weight_decay=0.5)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zero, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for name in ("slots", "slot_keys"):
+        np.testing.assert_array_equal(new[name], params[name])
+    np.testing.assert_array_equal(new["decoder"]["bias"], params["decoder"]["bias"])
+    np.testing.assert_allclose(new["decoder"]["kernel"], 1.0 - 0.1 * 0.5, rtol=1e-6)  # lr x decay, first step
