@@ -50,11 +50,12 @@ class MemoryConfig:
     remat: recompute each segment's activations in the backward pass (activation memory flat in #segments).
     loss_positions: if > 0, logits are computed only at this many positions per segment (those with loss), so a
       QA task never materialises [seq, vocab] logits it does not use. 0 = all positions.
-    read_grad_targets: if > 0, only the first N answer targets of each segment train anything of the memory: at the
+    read_grad_targets: n > 0: only the first n answer targets of each segment train anything of the memory; at the
       later targets (the rest of a multi-token answer, the EOS) what the read adds to the hidden state is a gradient
-      constant, so they train only the injection's map of h (W_h h + b) and the token gate. The forward pass is unchanged; 0 = every
-      target trains everything. Final injection only. On the tiny backbone the EOS target otherwise keeps the keyed
-      write from binding facts to their subject (docs/results.md, "The EOS target").
+      constant, so they train only the injection's map of h (W_h h + b) and the token gate. n < 0: the same for the
+      last -n targets of each segment only (-1: the EOS). The forward pass is unchanged; 0 = every target trains
+      everything. Final injection only. On the tiny backbone the EOS target otherwise keeps the keyed write from
+      binding facts to their subject (docs/results.md, "Binding with the EOS target kept").
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -99,8 +100,8 @@ class MemoryConfig:
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")
-        if self.num_slots < 1 or min(self.bptt_depth, self.loss_positions, self.read_grad_targets) < 0:
-            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions, read_grad_targets >= 0")
+        if self.num_slots < 1 or min(self.bptt_depth, self.loss_positions) < 0:
+            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions >= 0")
 
     def check_backbone(self, num_layers: int) -> None:
         if self.write_layer >= num_layers:

@@ -107,11 +107,15 @@ def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
 
 
 def _later_targets(loss_mask: jax.Array, n: int) -> Optional[jax.Array]:
-    """[B, T] True at the loss targets after a segment's first `n` (None if n = 0: nothing is detached)."""
+    """[B, T] True at the loss targets that must not train the memory (memory.read_grad_targets = n): those after a
+    segment's first n if n > 0, its last -n if n < 0 (e.g. -1: the EOS); None if n = 0 (nothing is detached)."""
     if not n:
         return None
     has_loss = loss_mask > 0
-    return has_loss & (jnp.cumsum(has_loss, axis=-1) > n)
+    before = jnp.cumsum(has_loss, axis=-1)  # targets up to and including each position
+    if n > 0:
+        return has_loss & (before > n)
+    return has_loss & (before > has_loss.sum(-1, keepdims=True) + n)
 
 
 def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:

@@ -217,3 +217,14 @@ def test_token_gate_scales_only_what_was_read():
              "inject_token_gate": {"kernel": v, "bias": np.array([c], np.float32)}}
         gate = 1.0 / (1.0 + np.exp(-(np.concatenate([h, r], -1) @ v + c)))
         np.testing.assert_allclose(inject(p), h + h @ wh + b + gate * (r @ wr), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, expected", [(1, [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]), (2, [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]),
+                                         (-1, [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]), (-2, [[0, 0, 1, 1, 0], [1, 0, 0, 0, 1]])])
+def test_read_grad_targets_picks_the_later_or_the_last_targets(n, expected):
+    """Which loss targets read_grad_targets = n detaches: after the first n (n > 0), the last -n (n < 0)."""
+    from gmem_jax.memory.model import _later_targets
+
+    loss_mask = jnp.array([[0, 1, 1, 1, 0], [1, 0, 0, 0, 1]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(_later_targets(loss_mask, n)), np.array(expected, bool))
+    assert _later_targets(loss_mask, 0) is None
