@@ -54,9 +54,10 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int 
                    clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999, end_lr_fraction: float = 0.1,
                    lr_multipliers: Optional[Mapping[str, float]] = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and `make_schedule`. Weight decay applies to matrices only (not biases,
-    norms, gates, the slot bank or the keyed write's slot addresses), as is usual for small adapters. `lr_multipliers` {top-level parameter name:
-    factor} scales the learning rate (and with it the decoupled weight decay) of those parameters, e.g. a wide
-    layer whose per-step output change, ~lr x sum|input|, is far larger than the rest's."""
+    norms, gates, the slot bank or the keyed write's slot addresses), as is usual for small adapters.
+    `lr_multipliers` {top-level parameter name: factor} scales the learning rate (and with it the decoupled weight
+    decay) of those parameters, e.g. a wide layer whose per-step output change, ~lr x sum|input|, is far larger
+    than the rest's."""
     schedule = make_schedule(learning_rate=learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
                              end_lr_fraction=end_lr_fraction)
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(

@@ -219,8 +219,9 @@ def test_token_gate_scales_only_what_was_read():
         np.testing.assert_allclose(inject(p), h + h @ wh + b + gate * (r @ wr), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, expected", [(1, [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]), (2, [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]),
-                                         (-1, [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]), (-2, [[0, 0, 1, 1, 0], [1, 0, 0, 0, 1]])])
+@pytest.mark.parametrize("n, expected", [
+    (1, [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]), (2, [[0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]),
+    (-1, [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]), (-2, [[0, 0, 1, 1, 0], [1, 0, 0, 0, 1]])])
 def test_read_grad_targets_picks_the_later_or_the_last_targets(n, expected):
     """Which loss targets read_grad_targets = n detaches: after the first n (n > 0), the last -n (n < 0)."""
     from gmem_jax.memory.model import _later_targets
