@@ -59,6 +59,10 @@ def test_task_end_to_end_gives_full_metric_set(name, shared_data, gpt2_tok, mode
             assert len(preds[ex.meta["id"]]["answer_preds"]) == len(frozen_preds[ex.meta["id"]]["answer_preds"]) \
                 == int(ex.loss_mask[-1].sum())
     assert set(preds) == {e.meta["id"] for e in examples}
+    for ex in examples:  # the hits are the predictions compared with the labels at the answer targets, in order
+        p, m = preds[ex.meta["id"]], ex.loss_mask[-1] > 0
+        assert p["answer_hits"] == (np.asarray(p["answer_preds"]) == ex.labels[-1][m]).astype(int).tolist()
+        assert np.mean(p["answer_hits"]) == pytest.approx(p["token_em"])
     scores = task.score(preds, examples)
     if name == "zsre":  # a memory at initialisation injects exactly nothing: EasyEdit locality is 100%
         assert scores["locality_token_agreement"] == 1.0

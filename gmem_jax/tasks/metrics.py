@@ -56,3 +56,22 @@ def answer_em(predictions: Mapping[str, Mapping[str, Any]], example: Any) -> flo
     """Normalized exact match of predictions[id]['answer'] against meta['answers']; a missing prediction is 0."""
     p = predictions.get(example.meta["id"])
     return exact_match(p["answer"], example.meta["answers"]) if p and "answer" in p else 0.0
+
+
+def answer_token_scores(predictions: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Teacher-forced answer-token accuracy, overall and by target position, from predictions' 'token_em' and
+    'answer_hits' (1/0 per answer target, in order; the last target is the end of the answer, EOS):
+
+      answer_token_acc  mean over examples of their token_em
+      first_token_acc   the first answer token (the one that must come from the context)
+      inner_token_acc   targets between the first and the last (later tokens of multi-token answers)
+      end_token_acc     the last target (does the model stop?)
+
+    A position group without any target (e.g. only single-token answers: no inner tokens) is left out."""
+    out = {"answer_token_acc": float(np.mean([p["token_em"] for p in predictions.values()]))} if predictions else {}
+    hits = [list(p["answer_hits"]) for p in predictions.values() if p.get("answer_hits")]
+    groups = {"first_token_acc": [h[0] for h in hits if len(h) > 1],
+              "inner_token_acc": [x for h in hits for x in h[1:-1]],
+              "end_token_acc": [h[-1] for h in hits]}
+    out.update({k: float(np.mean(v)) for k, v in groups.items() if v})
+    return out

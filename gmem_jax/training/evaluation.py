@@ -23,7 +23,7 @@ from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import forward_segments, initial_state, memory_hooks, write_context
 from gmem_jax.tasks.base import SegmentedExample, collate
 from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
-from gmem_jax.tasks.metrics import clean_generation
+from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,9 +79,10 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             mem_params: Optional[dict] = None, mcfg: Optional[MemoryConfig] = None, use_memory: bool = True,
             batch_size: int = 8, max_new_tokens: int = 16, desc: str = "eval", show_progress: bool = True
             ) -> dict[str, dict]:
-    """Predictions {id: {'answer': text, 'token_em': float, 'answer_preds': [int, ...], 'sp': [[title, sent_id],
-    ...]}} for each example. 'answer_preds' are the teacher-forced argmax tokens at the answer positions of the
-    last segment, in order (what EasyEdit's locality compares between a system and the unedited model)."""
+    """Predictions {id: {'answer': text, 'token_em': float, 'answer_preds': [int, ...], 'answer_hits': [0/1, ...],
+    'sp': [[title, sent_id], ...]}} for each example. 'answer_preds' are the teacher-forced argmax tokens at the
+    answer positions of the last segment, in order (what EasyEdit's locality compares between a system and the
+    unedited model); 'answer_hits' says which of them equal the targets (the last target is EOS)."""
     eos = getattr(tokenizer, "eos_token_id", None)
     predictions: dict[str, dict] = {}
     starts = range(0, len(examples), batch_size)
@@ -108,7 +109,7 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             ids = [int(t) for t in new_tokens[i, :lengths[i]] if t != eos]
             p = {"answer": clean_generation(tokenizer.decode(ids, skip_special_tokens=True)),
                  "token_em": float((hit[i] & weight[i]).sum() / max(weight[i].sum(), 1)),
-                 "answer_preds": preds[i][weight[i]].tolist()}
+                 "answer_preds": preds[i][weight[i]].tolist(), "answer_hits": hit[i][weight[i]].astype(int).tolist()}
             if sp_logits is not None:
                 p["sp"] = supporting_facts_from_scores(ex, jax.nn.sigmoid(np.asarray(sp_logits[i])))
             predictions[ex.meta["id"]] = p
@@ -194,7 +195,7 @@ def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained:
                 p["reference"] = ref.get("answer", "")
                 p["reference_preds"] = ref.get("answer_preds")
         results[name] = task.score(preds[name], examples[layout])
-        results[name]["answer_token_acc"] = float(np.mean([p["token_em"] for p in preds[name].values()]))
+        results[name].update(answer_token_scores(preds[name]))
     return {"results": results, "seconds": seconds, "examples": len(examples["memory"]), "predictions": preds}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from gmem_jax.backbones.model import count_params
 from gmem_jax.memory.model import count_memory_params, init_memory, with_input_statistics
 from gmem_jax.tasks.base import collate
+from gmem_jax.tasks.metrics import answer_token_scores
 from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.errors import GmemError
 from gmem_jax.training.data import BatchIterator
@@ -47,12 +48,13 @@ def _device_batch(batch: dict, mesh) -> dict:
 
 def evaluate_run(config, *, task, tokenizer, frozen, cfg, mcfg, mem_params, use_memory, examples, show_progress
                  ) -> dict:
-    """Task metrics of the trained system on `examples` (plus the teacher-forced answer-token accuracy)."""
+    """Task metrics of the trained system on `examples` (plus teacher-forced answer-token accuracies, see
+    metrics.answer_token_scores)."""
     preds = predict(examples, tokenizer, frozen, cfg, mem_params=mem_params, mcfg=mcfg, use_memory=use_memory,
                     batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
                     desc="eval", show_progress=show_progress)
     scores = task.score(preds, examples)
-    scores["answer_token_acc"] = float(np.mean([p["token_em"] for p in preds.values()]))
+    scores.update(answer_token_scores(preds))
     return {"metrics": scores, "predictions": preds}
 
 
