@@ -55,7 +55,8 @@ class MemoryConfig:
       constant, so they train only the injection's map of h (W_h h + b) and the token gate. n < 0: the same for the
       last -n targets of each segment only (-1: the EOS). The forward pass is unchanged; 0 = every target trains
       everything. Final injection only. On the tiny backbone the EOS target otherwise keeps the keyed write from
-      binding facts to their subject (docs/results.md, "Binding with the EOS target kept").
+      binding facts to their subject; on SmolLM2 so do a name's later tokens, which n = 1 then leaves to the
+      backbone (docs/results.md, "Binding with the EOS target kept").
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
