@@ -67,7 +67,9 @@ def answer_token_scores(predictions: Mapping[str, Mapping[str, Any]]) -> dict[st
       inner_token_acc   targets between the first and the last (later tokens of multi-token answers)
       end_token_acc     the last target (does the model stop?)
 
-    A position group without any target (e.g. only single-token answers: no inner tokens) is left out."""
+    Predictions without 'answer_hits' (memory.loss_positions kept fewer targets than the answer has) count only in
+    answer_token_acc; a position group without any target (e.g. single-token answers: no inner tokens) is left
+    out."""
     out = {"answer_token_acc": float(np.mean([p["token_em"] for p in predictions.values()]))} if predictions else {}
     hits = [list(p["answer_hits"]) for p in predictions.values() if p.get("answer_hits")]
     groups = {"first_token_acc": [h[0] for h in hits if len(h) > 1],

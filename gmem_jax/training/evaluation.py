@@ -82,7 +82,8 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
     """Predictions {id: {'answer': text, 'token_em': float, 'answer_preds': [int, ...], 'answer_hits': [0/1, ...],
     'sp': [[title, sent_id], ...]}} for each example. 'answer_preds' are the teacher-forced argmax tokens at the
     answer positions of the last segment, in order (what EasyEdit's locality compares between a system and the
-    unedited model); 'answer_hits' says which of them equal the targets (the last target is EOS)."""
+    unedited model); 'answer_hits' says which of them equal the targets (the last target is EOS), given only when
+    every target was scored."""
     eos = getattr(tokenizer, "eos_token_id", None)
     predictions: dict[str, dict] = {}
     starts = range(0, len(examples), batch_size)
@@ -109,7 +110,9 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             ids = [int(t) for t in new_tokens[i, :lengths[i]] if t != eos]
             p = {"answer": clean_generation(tokenizer.decode(ids, skip_special_tokens=True)),
                  "token_em": float((hit[i] & weight[i]).sum() / max(weight[i].sum(), 1)),
-                 "answer_preds": preds[i][weight[i]].tolist(), "answer_hits": hit[i][weight[i]].astype(int).tolist()}
+                 "answer_preds": preds[i][weight[i]].tolist()}
+            if weight[i].sum() == last_loss[i].sum():  # every target scored (memory.loss_positions may keep fewer)
+                p["answer_hits"] = hit[i][weight[i]].astype(int).tolist()
             if sp_logits is not None:
                 p["sp"] = supporting_facts_from_scores(ex, jax.nn.sigmoid(np.asarray(sp_logits[i])))
             predictions[ex.meta["id"]] = p
