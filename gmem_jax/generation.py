@@ -10,8 +10,10 @@ The last sampled token of each row is not yet in the cache: `DecodeState.last_to
 feeds it first, followed by new tokens (e.g. a memory-query result spliced in after a stop id), then continues
 decoding into the same cache. Nothing of the prompt is ever recomputed.
 
-`hooks` (static) maps `hook_state` (a traced pytree) to the extra `forward` keyword arguments
-(layer_hook / hook_layer / final_hook): every prefilled and decoded token goes through them.
+`hooks` (static) maps (`hook_state` (a traced pytree), `decode_step` ([] int32: 0 for the block fed first, k for
+the k-th generated token fed back)) to the extra `forward` keyword arguments (layer_hook / hook_layer /
+final_hook): every prefilled and decoded token goes through them. The step lets a hook act differently on the
+answer's later tokens (memory.later_read_map).
 
 The feed (prefill) runs the layer scan over the stacked params. The decode loop, by default on XLA:CPU (for
 8+ new tokens), runs on per-layer copies of the layer weights and cache made once per call
@@ -31,7 +33,7 @@ from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.backbones.model import forward, init_cache, lm_logits, stack_layers, unstack_layers
 from gmem_jax.errors import GmemError
 
-Hooks = Callable[[Any], dict]  # hook_state -> dict(layer_hook=..., hook_layer=int, final_hook=...)
+Hooks = Callable[[Any, jax.Array], dict]  # (hook_state, decode_step) -> dict(layer_hook=, hook_layer=, final_hook=)
 
 # Unstacking the layer weights costs about what 5 decoded tokens save (GPT-2-124M on XLA:CPU: ~130 ms once per
 # call, copy and fresh pages, vs ~30 ms per token; both scale with the weight bytes): do it for longer decodes.
@@ -80,14 +82,15 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _feed(params, cfg, state: DecodeState, tokens, mask, hooks, hook_state):
+def _feed(params, cfg, state: DecodeState, tokens, mask, hooks, hook_state, decode_step):
     """Write tokens [B, T] (mask [B, T]) into the cache; return (new state, logits [B, V] at each row's last
-    real token)."""
+    real token). decode_step [] int32: passed to `hooks`."""
     B, T = tokens.shape
     positions = jnp.maximum(state.next_position[:, None] + jnp.cumsum(mask, axis=1) - 1, 0)
     kv_mask = jax.lax.dynamic_update_slice(state.kv_mask, mask, (0, state.cache_index))
     out = forward(params, tokens, cfg, positions=positions, kv_mask=kv_mask, cache=state.cache,
-                  cache_index=state.cache_index, compute_logits=False, **(hooks(hook_state) if hooks else {}))
+                  cache_index=state.cache_index, compute_logits=False,
+                  **(hooks(hook_state, decode_step) if hooks else {}))
     last = T - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # the last True column (left or right padding)
     logits = lm_logits(params, out.hidden[jnp.arange(B), last], cfg)  # only the positions we sample from
     new_state = DecodeState(out.cache, state.cache_index + T, kv_mask,
@@ -106,7 +109,7 @@ def _run(params, hook_state, state, tokens, mask, rng, temperature, top_p, stop_
     def is_stop(t):  # [B] -> [B] bool
         return (t[:, None] == stop_set[None, :]).any(-1)
 
-    state, logits = _feed(params, cfg, state, tokens, mask, hooks, hook_state)
+    state, logits = _feed(params, cfg, state, tokens, mask, hooks, hook_state, jnp.int32(0))
     rng, sub = jax.random.split(rng)
     tok = sample_token(logits, sub, temperature, top_p, greedy=greedy)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -125,7 +128,7 @@ def _run(params, hook_state, state, tokens, mask, rng, temperature, top_p, stop_
         active = ~done
         # stopped rows still run (static shapes) but their slot is masked and their position does not advance
         state, logits = _feed(decode_params, cfg, state, state.last_token[:, None], active[:, None], hooks,
-                              hook_state)
+                              hook_state, step)  # feeds the step-th generated token
         rng, sub = jax.random.split(rng)
         tok = sample_token(logits, sub, temperature, top_p, greedy=greedy)
         out = out.at[:, step].set(jnp.where(active, tok, pad_id))

@@ -57,6 +57,12 @@ class MemoryConfig:
       everything. Final injection only. On the tiny backbone the EOS target otherwise keeps the keyed write from
       binding facts to their subject; on SmolLM2 so do a name's later tokens, which n = 1 then leaves to the
       backbone (docs/results.md, "Binding with the EOS target kept").
+    later_read_map: with read_grad_targets = n > 0: the later targets (after each segment's first n) also add
+      W_l sg(r), through a map W_l of their own (zero at init, inside the token gate if there is one), so they can
+      use what was read without training how it is read, stored or decoded. The forward pass then depends on
+      whether a position is a later target: in training from the loss mask, in generation from the decode step
+      (the k-th decoded token predicts target k + 1, so it is later when k >= n; the prompt's last token predicts
+      target 1).
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -77,6 +83,7 @@ class MemoryConfig:
     remat: bool = True
     loss_positions: int = 0
     read_grad_targets: int = 0
+    later_read_map: bool = False
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -101,6 +108,9 @@ class MemoryConfig:
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")
+        if self.later_read_map and not (self.read_grad_targets > 0 and self.injection == "final"):
+            raise GmemError("memory later_read_map needs read_grad_targets > 0 and injection='final' (generation "
+                            "knows which tokens come after the first n targets, not which are the last ones)")
         if self.num_slots < 1 or min(self.bptt_depth, self.loss_positions) < 0:
             raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions >= 0")
 

@@ -73,16 +73,18 @@ def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, bat
 
 
 def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig,
-                 frozen: Optional[dict] = None, detach: Optional[jax.Array] = None) -> dict:
+                 frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
+                 later: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S]). Pass `frozen` where
     the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
-    `write_source`); reading alone (decoding) does not need it. `detach` [B, T]: see `GMemory.inject`."""
+    `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
+    [B, T]): see `GMemory.inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
         r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h)
-        return _call(mem_params, cfg, mcfg, GMemory.inject, h, r, detach), (h, alpha)
+        return _call(mem_params, cfg, mcfg, GMemory.inject, h, r, detach, later), (h, alpha)
 
     if mcfg.injection != "final":
         return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
@@ -108,7 +110,9 @@ def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
 
 def _later_targets(loss_mask: jax.Array, n: int) -> Optional[jax.Array]:
     """[B, T] True at the loss targets that must not train the memory (memory.read_grad_targets = n): those after a
-    segment's first n if n > 0, its last -n if n < 0 (e.g. -1: the EOS); None if n = 0 (nothing is detached)."""
+    segment's first n if n > 0, its last -n if n < 0 (e.g. -1: the EOS); None if n = 0 (nothing is detached).
+    With memory.later_read_map these are also the positions that add W_l sg(r) (`later_in_generation` is the same
+    rule for decoding)."""
     if not n:
         return None
     has_loss = loss_mask > 0
@@ -116,6 +120,13 @@ def _later_targets(loss_mask: jax.Array, n: int) -> Optional[jax.Array]:
     if n > 0:
         return has_loss & (before > n)
     return has_loss & (before > has_loss.sum(-1, keepdims=True) + n)
+
+
+def later_in_generation(mcfg: MemoryConfig, decode_step: jax.Array) -> Optional[jax.Array]:
+    """`later` for a block fed during generation (memory.later_read_map): decode step 0 feeds the prompt, whose last
+    token predicts answer target 1; step k >= 1 feeds the k-th generated token, which predicts target k + 1, a
+    later target when k >= read_grad_targets. [] bool, or None without the option."""
+    return decode_step >= mcfg.read_grad_targets if mcfg.later_read_map else None
 
 
 def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -168,7 +179,8 @@ def forward_segments(
     def seg_step(state, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
         state = jnp.where(rst[:, None, None], init, state)
-        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, _later_targets(lmask, mcfg.read_grad_targets))
+        detach = _later_targets(lmask, mcfg.read_grad_targets)
+        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None)
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden

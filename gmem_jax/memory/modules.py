@@ -17,7 +17,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
-                       (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init)
+                       (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
+                        later_read_map: the later answer targets add W_l sg(r) to what was read, W_l = 0 at init)
              residual: h' = h + g * r, g [H] = 0 at init
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
 """
@@ -86,6 +87,8 @@ class GMemory(nn.Module):
             if c.token_gate:  # W[h; r] split in two, so the gate can scale the memory's half W_r r alone
                 self.inject_read = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
                 self.inject_token_gate = nn.Dense(1, dtype=dt)
+            if c.later_read_map:  # the later targets' own map of what was read (W_l)
+                self.inject_later = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
         else:
             self.inject_gate = self.param("inject_gate", nn.initializers.zeros, (H,))
         if c.sp_head:
@@ -192,25 +195,32 @@ class GMemory(nn.Module):
             retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
         return self.decoder(retrieved.astype(c.dtype)).astype(jnp.float32), alpha
 
-    def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None) -> jax.Array:
+    def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
+               later: Optional[jax.Array] = None) -> jax.Array:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
         gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
-        the memory reads."""
+        the memory reads. `later` (bool, broadcastable to [B, T]; memory.later_read_map): these tokens also add
+        W_l sg(r), so they train W_l on what was read without training the read."""
         if self.cfg.injection == "final":
             dt = self.cfg.dtype
-            later = (lambda x: x) if detach is None else (  # noqa: E731
+            const = (lambda x: x) if detach is None else (  # noqa: E731
                 lambda x: jnp.where(detach[..., None], jax.lax.stop_gradient(x), x))
             if self.cfg.token_gate:  # each token decides how much of what the memory read it takes; the later
                 # targets train that decision too, but through the gate alone, not through what was read
-                gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, later(r)], -1).astype(dt)))
-                from_h, from_r = self.inject_fuse(h.astype(dt)), gate * later(self.inject_read(r.astype(dt)))
+                gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, const(r)], -1).astype(dt)))
+                from_h, from_r = self.inject_fuse(h.astype(dt)), const(self.inject_read(r.astype(dt)))
             elif detach is not None:  # W[h; r] + b = (W[h; 0] + b) + (the rest)
+                gate = 1.0
                 from_h = self.inject_fuse(jnp.concatenate([h, jnp.zeros_like(r)], -1).astype(dt))
-                from_r = later(self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)) - from_h)
+                from_r = const(self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)) - from_h)
             else:
-                from_h, from_r = self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)), 0.0
-            out = h.astype(jnp.float32) + (from_h + from_r).astype(jnp.float32)
+                gate, from_h, from_r = 1.0, self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)), 0.0
+            if self.cfg.later_read_map:  # computed everywhere (a [T, H] x [H, H] matmul), kept where later
+                own = self.inject_later(jax.lax.stop_gradient(r).astype(dt))
+                later = jnp.broadcast_to(False if later is None else later, h.shape[:2])
+                from_r = from_r + jnp.where(later[..., None], own, 0.0)
+            out = h.astype(jnp.float32) + (from_h + gate * from_r).astype(jnp.float32)
         else:
             out = h.astype(jnp.float32) + self.inject_gate * r
         return out.astype(h.dtype)

@@ -20,7 +20,8 @@ from gmem_jax import generation
 from gmem_jax.backbones import forward
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
-from gmem_jax.memory.model import forward_segments, initial_state, memory_hooks, write_context
+from gmem_jax.memory.model import (forward_segments, initial_state, later_in_generation, memory_hooks,
+                                   write_context)
 from gmem_jax.tasks.base import SegmentedExample, collate
 from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
 from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
@@ -31,9 +32,9 @@ def generation_hooks(cfg: BackboneConfig, mcfg: MemoryConfig):
     """The static `hooks` callable for `generation.generate`: one object per (cfg, mcfg), so no recompiles.
     hook_state = (memory params, memory state [B, S, M])."""
 
-    def hooks(hook_state):
+    def hooks(hook_state, decode_step):
         mem_params, state = hook_state
-        return memory_hooks(mem_params, state, cfg, mcfg)
+        return memory_hooks(mem_params, state, cfg, mcfg, later=later_in_generation(mcfg, decode_step))
 
     return hooks
 

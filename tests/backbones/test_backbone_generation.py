@@ -60,7 +60,7 @@ def test_decode_step_compiles_once(llama):
     cfg, params, _ = llama
     traces = []
 
-    def counting_hooks(_state):  # called once per trace of the prefill and of the decode step
+    def counting_hooks(_state, _decode_step):  # called once per trace of the prefill and of the decode step
         traces.append(1)
         return {}
 
@@ -93,7 +93,7 @@ def test_hooks_apply_to_prefill_and_every_decoded_token(llama, highest_precision
     state = {"delta": jnp.asarray(rs.normal(size=cfg.hidden_size), jnp.float32),
              "scale": jnp.asarray(rs.uniform(0.5, 2.0, size=cfg.hidden_size), jnp.float32)}
 
-    def hooks(s):
+    def hooks(s, decode_step=None):  # the same hooks at every step
         return dict(layer_hook=lambda h: (h + s["delta"], None), hook_layer=1,
                     final_hook=lambda h: (h * s["scale"], None))
 

@@ -19,7 +19,28 @@ def test_greedy_decoding_with_memory_matches_the_segment_loop(injection):
     argmax the training path computes at that position (so train and inference read memory the same way)."""
     cfg, frozen = tiny_backbone("llama")
     mcfg = small_memory(injection)
+    assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_later_read_map_applies_to_the_same_tokens_in_generation_and_training(n):
+    """memory.later_read_map makes the forward depend on which answer target a position predicts: generation
+    (from the decode step) and the segment loop (from the loss mask) must agree on it, and it must matter."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", token_gate=True, read_grad_targets=n, later_read_map=True)
     mem = perturbed_memory(cfg, mcfg, scale=1.0)
+    # a random gate over [h; r] is shut (or open) everywhere; keep it open-ish so what W_l adds gets through
+    mem["inject_token_gate"] = {"kernel": 0.05 * mem["inject_token_gate"]["kernel"], "bias": jnp.ones((1,))}
+    new = assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem)
+    without = assert_generation_matches_segment_loop(
+        cfg, frozen, mcfg, {**mem, "inject_later": jax.tree.map(jnp.zeros_like, mem["inject_later"])})
+    np.testing.assert_array_equal(without[:, :n], new[:, :n])  # targets 1..n never add W_l sg(r)
+    assert (without[:, n:] != new[:, n:]).any()
+
+
+def assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem):
+    """Generate greedily after a memory-holding context; check each token against forward_segments' argmax on
+    the teacher-forced continuation; return the generated tokens [B, G]."""
     B, N, T, P, G = 2, 3, 12, 5, 6
     b = random_batch(cfg, B=B, N=N, T=T)
     ctx_tokens, ctx_mask = b["tokens"][:, : N - 1], b["token_mask"][:, : N - 1]
@@ -48,6 +69,7 @@ def test_greedy_decoding_with_memory_matches_the_segment_loop(injection):
     plain = np.asarray(generation.generate(frozen, cfg, prompt, np.ones((B, P), bool), max_new_tokens=G,
                                            eos_ids=()).tokens)
     assert (plain != new).any()
+    return new
 
 
 def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, shared_data):

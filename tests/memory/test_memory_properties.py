@@ -9,6 +9,7 @@ import pytest
 from gmem_jax.backbones import forward
 from gmem_jax.memory.model import (forward_segments, init_memory, initial_state, memory_hooks, memory_module,
                                    write_context)
+from gmem_jax.errors import GmemError
 from gmem_jax.memory.modules import GMemory
 from gmem_jax.training.step import init_train_state, make_optimizer, make_train_step
 
@@ -197,6 +198,38 @@ def test_read_grad_targets_stops_later_targets_training_the_memory(token_gate):
     assert gap(e_detached, jax.tree.map(lambda x: 0.5 * x, e_first)) > 1e-4
     for name in ("slot_keys", "decoder"):  # without the option the second target trains the memory too
         assert gap(m_detached[name], m_all[name]) > 1e-5, name
+
+
+def test_later_read_map_is_trained_by_the_later_targets_alone():
+    """memory.later_read_map (read_grad_targets=1): W_l gets gradient from the second answer target only, the
+    first target's loss and everything the read contributes are as without it (W_l sees a stop-gradiented read)."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0, token_gate=True,
+                        read_grad_targets=1, later_read_map=True)
+    mem = perturbed_memory(cfg, mcfg)
+    b = random_batch(cfg, B=2, N=2, T=8, loss_frac=0.0)
+    b["token_mask"][:] = True
+    b["features"] = np.random.default_rng(1).standard_normal((2, 2, 8, cfg.hidden_size)).astype(np.float32)
+    both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
+    both[:, 1, 4:6], first[:, 1, 4] = 1.0, 1.0
+
+    @partial(jax.jit, static_argnums=0)
+    def grads(m, params, lmask):
+        return jax.value_and_grad(lambda p: forward_segments(p, frozen, {**b, "loss_mask": lmask}, cfg, m).loss)(
+            params)
+
+    (loss_both, g_both), (loss_first, g_first) = grads(mcfg, mem, both), grads(mcfg, mem, first)
+    plain_cfg = mcfg.replace(later_read_map=False)
+    plain = {k: v for k, v in mem.items() if k != "inject_later"}
+    (plain_both, _), (plain_first, _) = grads(plain_cfg, plain, both), grads(plain_cfg, plain, first)
+    assert float(loss_first) == float(plain_first) and abs(float(loss_both) - float(plain_both)) > 1e-4
+    assert float(jnp.abs(g_first["inject_later"]["kernel"]).max()) == 0.0
+    assert float(jnp.abs(g_both["inject_later"]["kernel"]).max()) > 1e-4
+    for name in ("slot_keys", "decoder", "encoder", "read_q", "write_v", "inject_read", "slots"):
+        jax.tree.map(lambda a, f: np.testing.assert_allclose(np.asarray(a), 0.5 * np.asarray(f), rtol=2e-4,
+                                                             atol=1e-7), g_both[name], g_first[name])
+    with pytest.raises(GmemError, match="later_read_map needs read_grad_targets > 0"):
+        mcfg.replace(read_grad_targets=-1)
 
 
 def test_token_gate_scales_only_what_was_read():
