@@ -52,10 +52,11 @@ def grouped_mean(examples: Sequence[Any], value: Callable[[Any], float | None], 
     return {k: float(np.mean(v)) for k, v in sums.items()}
 
 
-def answer_em(predictions: Mapping[str, Mapping[str, Any]], example: Any) -> float:
-    """Normalized exact match of predictions[id]['answer'] against meta['answers']; a missing prediction is 0."""
-    p = predictions.get(example.meta["id"])
-    return exact_match(p["answer"], example.meta["answers"]) if p and "answer" in p else 0.0
+def answer_em(predictions: Mapping[str, Mapping[str, Any]], example: Any, key: str = "answers") -> float:
+    """Normalized exact match of predictions[id]['answer'] against meta[key] (a list of strings; an empty list
+    matches nothing); a missing prediction is 0."""
+    p, golds = predictions.get(example.meta["id"]), example.meta[key]
+    return exact_match(p["answer"], golds) if p and "answer" in p else 0.0
 
 
 def answer_token_scores(predictions: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -76,8 +76,10 @@ class SyntheticTask(Task):
         hops = self.hops if hop is None else (hop,)
         return float(np.mean([1.0 / len(self.candidates(h)) for h in hops]))
 
-    def world(self, rng: np.random.Generator) -> tuple[list[str], list[str], list[int], int, str]:
-        """One example's statements: (sentences, question, supporting-statement indices, hop, answer)."""
+    def world(self, rng: np.random.Generator) -> tuple[list[str], list[str], list[int], int, str, list[str]]:
+        """One example's statements: (sentences, question, supporting-statement indices, hop, answer, the other
+        people's answers to the same question that differ from it (what a memory that binds facts to the wrong
+        person would say))."""
         lex, depth = self.lexicon, max(self.hops)
         hop = int(rng.choice(self.hops))
         people = [lex["person"][i] for i in rng.choice(len(lex["person"]), self.n_people, replace=False)]
@@ -106,7 +108,13 @@ class SyntheticTask(Task):
             chain.append(LINKS[h].format(a=a, b=link[a]))
             a = link[a]
         support = [sentences.index(s) for s in chain]
-        return sentences, QUESTIONS[hop].format(p=target), support, hop, a
+        others = []
+        for p in people[1:]:
+            for _ in range(hop):
+                p = link[p]
+            if p != a and p not in others:
+                others.append(p)
+        return sentences, QUESTIONS[hop].format(p=target), support, hop, a, others
 
     def examples(self, split: str, tokenizer: Any, *, n_seg: int, seg_len: int, max_sents: int, seed: int = 0,
                  limit: int | None = None) -> list[SegmentedExample]:
@@ -117,12 +125,12 @@ class SyntheticTask(Task):
         n = self.n_examples[split] if limit is None else min(limit, self.n_examples[split])
         out = []
         for i in range(n):
-            sentences, question, support, hop, answer = self.world(
+            sentences, question, support, hop, answer, others = self.world(
                 np.random.default_rng([seed, SPLIT_STREAMS[split], i]))
             units = sentence_units(tokenizer, sentences, keys=[("fact", k) for k in range(len(sentences))],
                                    labels=[float(k in support) for k in range(len(sentences))])
             meta = {"id": f"synthetic-{split}-{seed}-{i}", "task": self.name, "answers": [answer], "hop": hop,
-                    "chance": 1.0 / len(self.candidates(hop)),
+                    "chance": 1.0 / len(self.candidates(hop)), "other_answers": others,
                     "supporting_facts": [["fact", k] for k in support]}
             out.append(self.build(tokenizer, units, question, answer, meta, n_seg=n_seg, seg_len=seg_len,
                                   max_sents=max_sents))
@@ -131,13 +139,17 @@ class SyntheticTask(Task):
     def score(self, predictions: Mapping[str, Mapping[str, Any]], examples: Sequence[SegmentedExample]
               ) -> dict[str, float]:
         """'em' and 'hop{h}_em' (normalized exact match; missing prediction = 0), with the chance level of the
-        same examples ('chance', 'hop{h}_chance')."""
+        same examples ('chance', 'hop{h}_chance'), and 'other_person' / 'hop{h}_other_person': the share of
+        examples answered with another stated person's answer (a fact bound to the wrong subject)."""
         em = lambda ex: answer_em(predictions, ex)  # noqa: E731
+        other = lambda ex: answer_em(predictions, ex, key="other_answers")  # noqa: E731
         chance = lambda ex: ex.meta["chance"]  # noqa: E731
         hop = lambda ex: f"hop{ex.meta['hop']}"  # noqa: E731
         everything = lambda ex: ""  # noqa: E731
         out = {f"{k}_em": v for k, v in grouped_mean(examples, em, hop).items()}
         out.update({f"{k}_chance": v for k, v in grouped_mean(examples, chance, hop).items()})
+        out.update({f"{k}_other_person": v for k, v in grouped_mean(examples, other, hop).items()})
+        out["other_person"] = grouped_mean(examples, other, everything)[""]
         out["em"] = grouped_mean(examples, em, everything)[""]
         out["chance"] = grouped_mean(examples, chance, everything)[""]
         return out

@@ -14,13 +14,15 @@ PART = re.compile(r"(\w+) is part of (\w+)\.")
 QUESTION = re.compile(r"Question: (Where does|In which country does|In which region does) (\w+) live\?")
 
 
-def solve(context: str, question: str) -> str:
-    """An independent reader: follow the stated links from the asked person (must be unambiguous)."""
+def solve(context: str, question: str, person: str | None = None) -> str:
+    """An independent reader: follow the stated links from the asked person, or from `person` asked the same
+    question (must be unambiguous)."""
     links = [dict(), dict(), dict()]
     for level, pattern in enumerate((LIVES, IN, PART)):
         for a, b in pattern.findall(context):
             assert links[level].setdefault(a, b) == b, f"contradictory statements about {a}"
-    kind, person = QUESTION.search(question).groups()
+    kind, asked = QUESTION.search(question).groups()
+    person = person or asked
     hops = {"Where does": 1, "In which country does": 2, "In which region does": 3}[kind]
     entity = person
     for level in range(hops):
@@ -50,6 +52,9 @@ def test_word_tokenizer_answers_solvable_from_context_only(task):
         answer = ex.meta["answers"][0]
         assert solve(context, last) == answer and last.endswith(f"Answer: {answer} <eos>")
         assert answer in task.candidates(ex.meta["hop"])
+        asked = QUESTION.search(last).group(2)
+        others = {solve(context, last, p) for p, _ in LIVES.findall(context) if p != asked} - {answer}
+        assert sorted(ex.meta["other_answers"]) == sorted(others)
         # the supporting sentences are exactly the hop-long chain
         support = [ex.meta["sent_keys"][s][k] for s, k in zip(*np.nonzero(ex.sent_label))]
         assert len(support) == ex.meta["hop"]
@@ -87,6 +92,13 @@ def test_chance_level_and_score(task):
     share1 = np.mean([e.meta["hop"] == 1 for e in exs])
     assert scores["hop1_em"] == 1.0 and scores["hop2_em"] == 0.0 and scores["em"] == pytest.approx(share1)
     assert scores["hop2_chance"] == 1 / 16
+    assert scores["other_person"] == 0.0
+    # answering with another stated person's answer, where there is one, counts as other_person and not em
+    wrong = {e.meta["id"]: {"answer": (e.meta["other_answers"] or ["nobody"])[-1]} for e in exs}
+    scores = task.score(wrong, exs)
+    assert scores["em"] == 0.0
+    assert scores["other_person"] == pytest.approx(np.mean([bool(e.meta["other_answers"]) for e in exs]))
+    assert scores["other_person"] > 0.5
     assert scores["chance"] == pytest.approx(np.mean([1 / len(task.candidates(e.meta["hop"])) for e in exs]))
 
 
