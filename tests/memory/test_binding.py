@@ -8,6 +8,7 @@ person's about half the time; the keyed write binds."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 
 from gmem_jax.memory.config import MemoryConfig
@@ -67,6 +68,7 @@ def _train_and_score(write_attention, bind=0.3, steps=800, batch=32):
     return float((pred == right).mean()), float((pred == other).mean())
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: a research claim; the keyed write's mechanics have fast tests of their own
 def test_keyed_write_binds_what_the_token_write_only_copies():
     keyed_right, keyed_other = _train_and_score("keyed")
     tokens_right, tokens_other = _train_and_score("tokens")
