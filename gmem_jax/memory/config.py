@@ -63,6 +63,9 @@ class MemoryConfig:
       whether a position is a later target: in training from the loss mask, in generation from the decode step
       (the k-th decoded token predicts target k + 1, so it is later when k >= n; the prompt's last token predicts
       target 1).
+    later_read_hidden: with later_read_map: 0 = W_l is linear on the decoded read r; k > 0 = the later targets
+      decode what was retrieved (alpha Mem, before the shared decoder, stop-gradiented) with an MLP of their own,
+      M -> k -> H with the output layer 0 at init, since the shared decoder is trained for the first target only.
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -84,6 +87,7 @@ class MemoryConfig:
     loss_positions: int = 0
     read_grad_targets: int = 0
     later_read_map: bool = False
+    later_read_hidden: int = 0
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -111,8 +115,11 @@ class MemoryConfig:
         if self.later_read_map and not (self.read_grad_targets > 0 and self.injection == "final"):
             raise GmemError("memory later_read_map needs read_grad_targets > 0 and injection='final' (generation "
                             "knows which tokens come after the first n targets, not which are the last ones)")
-        if self.num_slots < 1 or min(self.bptt_depth, self.loss_positions) < 0:
-            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions >= 0")
+        if self.later_read_hidden and not self.later_read_map:
+            raise GmemError("memory later_read_hidden sizes the later_read_map's decoder; set later_read_map=True "
+                            "or leave later_read_hidden=0")
+        if self.num_slots < 1 or self.later_read_hidden < 0 or min(self.bptt_depth, self.loss_positions) < 0:
+            raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions, later_read_hidden >= 0")
 
     def check_backbone(self, num_layers: int) -> None:
         if self.write_layer >= num_layers:

@@ -83,8 +83,8 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
-        r, alpha = _call(mem_params, cfg, mcfg, GMemory.read, state, h)
-        return _call(mem_params, cfg, mcfg, GMemory.inject, h, r, detach, later), (h, alpha)
+        h_out, alpha = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later)
+        return h_out, (h, alpha)
 
     if mcfg.injection != "final":
         return {"layer_hook": hook, "hook_layer": mcfg.read_layer}

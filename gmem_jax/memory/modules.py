@@ -18,7 +18,9 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
                        (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
-                        later_read_map: the later answer targets add W_l sg(r) to what was read, W_l = 0 at init)
+                        later_read_map: the later answer targets add W_l sg(r) to what was read, W_l = 0 at init;
+                        with later_read_hidden = k > 0 they add L(sg(alpha Mem)) instead, L an MLP M -> k -> H of
+                        their own whose output layer is 0 at init)
              residual: h' = h + g * r, g [H] = 0 at init
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
 """
@@ -41,12 +43,14 @@ class _MLPMap(nn.Module):
     hidden: int
     out: int
     dtype: str = "float32"
+    zero_out: bool = False  # output layer 0 at init: the map adds exactly nothing until trained
 
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(self.hidden, dtype=self.dtype, name="in")(x)
         x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name="norm")(x), approximate=False)
-        return nn.Dense(self.out, dtype=self.dtype, name="out")(x)
+        out_init = nn.initializers.zeros if self.zero_out else nn.linear.default_kernel_init
+        return nn.Dense(self.out, dtype=self.dtype, kernel_init=out_init, name="out")(x)
 
 
 class GMemory(nn.Module):
@@ -87,7 +91,9 @@ class GMemory(nn.Module):
             if c.token_gate:  # W[h; r] split in two, so the gate can scale the memory's half W_r r alone
                 self.inject_read = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
                 self.inject_token_gate = nn.Dense(1, dtype=dt)
-            if c.later_read_map:  # the later targets' own map of what was read (W_l)
+            if c.later_read_map and c.later_read_hidden:  # the later targets' own decoder of what was retrieved
+                self.inject_later = _MLPMap(c.later_read_hidden, H, dt, zero_out=True)
+            elif c.later_read_map:  # the later targets' own linear map of the decoded read (W_l)
                 self.inject_later = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
         else:
             self.inject_gate = self.param("inject_gate", nn.initializers.zeros, (H,))
@@ -178,8 +184,8 @@ class GMemory(nn.Module):
         return z * cand + (1.0 - z) * state, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def read(self, state: jax.Array, h: jax.Array):
-        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
+    def _retrieve(self, state: jax.Array, h: jax.Array):
+        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, alpha [B, T, S])."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
@@ -188,20 +194,31 @@ class GMemory(nn.Module):
             logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
             alpha = jax.nn.softmax(logits, axis=-1)
             retrieved = jnp.einsum("bths,bshd->bthd", alpha, self._split_heads(state)).reshape(x.shape)
-            alpha = alpha.mean(2)
-        else:
-            logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
-            alpha = jax.nn.softmax(logits, axis=-1)
-            retrieved = jnp.einsum("bts,bsm->btm", alpha, state)
-        return self.decoder(retrieved.astype(c.dtype)).astype(jnp.float32), alpha
+            return retrieved, alpha.mean(2)
+        logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
+        alpha = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bts,bsm->btm", alpha, state), alpha
+
+    def read(self, state: jax.Array, h: jax.Array):
+        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
+        retrieved, alpha = self._retrieve(state, h)
+        return self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32), alpha
+
+    def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
+                        later: Optional[jax.Array] = None):
+        """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S])."""
+        retrieved, alpha = self._retrieve(state, h)
+        r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
+        return self.inject(h, r, detach, later, retrieved), alpha
 
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
-               later: Optional[jax.Array] = None) -> jax.Array:
+               later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None) -> jax.Array:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
         gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
         the memory reads. `later` (bool, broadcastable to [B, T]; memory.later_read_map): these tokens also add
-        W_l sg(r), so they train W_l on what was read without training the read."""
+        W_l sg(r), so they train W_l on what was read without training the read (with later_read_hidden > 0:
+        L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder)."""
         if self.cfg.injection == "final":
             dt = self.cfg.dtype
             const = (lambda x: x) if detach is None else (  # noqa: E731
@@ -217,7 +234,8 @@ class GMemory(nn.Module):
             else:
                 gate, from_h, from_r = 1.0, self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)), 0.0
             if self.cfg.later_read_map:  # computed everywhere (a [T, H] x [H, H] matmul), kept where later
-                own = self.inject_later(jax.lax.stop_gradient(r).astype(dt))
+                source = retrieved if self.cfg.later_read_hidden else r
+                own = self.inject_later(jax.lax.stop_gradient(source).astype(dt))
                 later = jnp.broadcast_to(False if later is None else later, h.shape[:2])
                 from_r = from_r + jnp.where(later[..., None], own, 0.0)
             out = h.astype(jnp.float32) + (from_h + gate * from_r).astype(jnp.float32)
@@ -236,9 +254,9 @@ class GMemory(nn.Module):
     def __call__(self, h: jax.Array, mask: jax.Array):
         """Touches every parameter (used by init): h [B, T, H], mask [B, T]."""
         state = self.initial_state(h.shape[0])
-        r, _ = self.read(state, h)
+        h_out, _ = self.read_and_inject(state, h)
         state, _ = self.write(state, h, mask)
-        out = self.inject(h, r), self.importance(state)
+        out = h_out, self.importance(state)
         if self.cfg.sp_head:
             out = out + (self.sentence_scores(h, h[:, 0]),)
         return out

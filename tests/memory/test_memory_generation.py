@@ -22,12 +22,13 @@ def test_greedy_decoding_with_memory_matches_the_segment_loop(injection):
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_later_read_map_applies_to_the_same_tokens_in_generation_and_training(n):
+@pytest.mark.parametrize("n, hidden", [(1, 0), (3, 16)])
+def test_later_read_map_applies_to_the_same_tokens_in_generation_and_training(n, hidden):
     """memory.later_read_map makes the forward depend on which answer target a position predicts: generation
     (from the decode step) and the segment loop (from the loss mask) must agree on it, and it must matter."""
     cfg, frozen = tiny_backbone("llama")
-    mcfg = small_memory("final", write_attention="keyed", token_gate=True, read_grad_targets=n, later_read_map=True)
+    mcfg = small_memory("final", write_attention="keyed", token_gate=True, read_grad_targets=n, later_read_map=True,
+                        later_read_hidden=hidden)
     mem = perturbed_memory(cfg, mcfg, scale=1.0)
     # a random gate over [h; r] is shut (or open) everywhere; keep it open-ish so what W_l adds gets through
     mem["inject_token_gate"] = {"kernel": 0.05 * mem["inject_token_gate"]["kernel"], "bias": jnp.ones((1,))}
