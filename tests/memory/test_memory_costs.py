@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from gmem_jax.backbones import BackboneConfig, init_params
-from gmem_jax.backbones.model import count_params
 from gmem_jax.memory.config import MemoryConfig
-from gmem_jax.memory.model import count_memory_params, init_memory
+from gmem_jax.memory.model import init_memory
 from gmem_jax.training.step import init_train_state, make_optimizer, make_train_step
 
 GPT2_124M = BackboneConfig(arch="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=12,

@@ -16,6 +16,7 @@ from gmem_jax.errors import GmemError
 from gmem_jax.training.checkpoint import import_params
 from gmem_jax.training.distributed import host_local_batch_to_global, is_main_process, launch_kwargs, maybe_initialize
 from gmem_jax.training.sharding import make_mesh
+from trainer_testlib import run_env
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,10 +62,8 @@ def _launch(tmp_path, *mode):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid),
-               # the worker is a script, not `-m`: make the package importable without relying on the install
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent.parent), os.environ.get("PYTHONPATH")]))}
+        # the worker is a script, not `-m`: run_env makes the package importable without relying on the install
+        env = run_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(tmp_path), *mode],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs

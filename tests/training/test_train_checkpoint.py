@@ -18,6 +18,7 @@ from gmem_jax.errors import GmemError
 from gmem_jax.training.checkpoint import (CheckpointStore, export_params, import_params, install_preemption_handler,
                                           run_identity)
 from gmem_jax.training.sharding import make_mesh, memory_rules, tree_shardings
+from trainer_testlib import run_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,8 +86,7 @@ def test_check_compatible_errors(tmp_path):
 
 
 def _run_child(code: str, *args, **kw) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=run_env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_testlib import FAST, STANDARD, TINY, exported, metrics, run_env, run_train, train_cmd
+from trainer_testlib import STANDARD, TINY, exported, metrics, run_env, run_train, train_cmd
 
 
 def test_tiny_config_trains_end_to_end_and_writes_summary(tmp_path):

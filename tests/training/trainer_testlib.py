@@ -21,9 +21,10 @@ def train_cmd(workdir, *overrides):
 
 
 def run_env(devices=1, **extra):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO), **extra)
-    return env
+    """The environment of a JAX child process: `devices` simulated CPU devices, unoptimised XLA code like the
+    test process (tests/conftest.py says why), and the repo importable."""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **extra)
 
 
 def run_train(workdir, *overrides, devices=1, check=True, timeout=600):
