@@ -66,6 +66,12 @@ class MemoryConfig:
     later_read_hidden: with later_read_map: 0 = W_l is linear on the decoded read r; k > 0 = the later targets
       decode what was retrieved (alpha Mem, before the shared decoder, stop-gradiented) with an MLP of their own,
       M -> k -> H with the output layer 0 at init, since the shared decoder is trained for the first target only.
+    later_train_content: with read_grad_targets != 0: the later targets, instead of having the read stop-gradiented,
+      train what the memory stores and decodes (the write's values and output map, the GRU candidate, the slot
+      bank, the encoder through the values, the decoder) but not where facts go or are looked up (slot keys, read
+      queries, the write's token-to-slot shares and strength, the gates, importance). The forward pass is unchanged;
+      a second copy of the state, written and read with those weights as gradient constants, carries the later
+      targets' gradient (about twice the memory's compute). Keyed or slots write attention.
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -88,6 +94,7 @@ class MemoryConfig:
     read_grad_targets: int = 0
     later_read_map: bool = False
     later_read_hidden: int = 0
+    later_train_content: bool = False
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -115,6 +122,9 @@ class MemoryConfig:
         if self.later_read_map and not (self.read_grad_targets > 0 and self.injection == "final"):
             raise GmemError("memory later_read_map needs read_grad_targets > 0 and injection='final' (generation "
                             "knows which tokens come after the first n targets, not which are the last ones)")
+        if self.later_train_content and not (self.read_grad_targets and self.write_attention != "tokens"):
+            raise GmemError("memory later_train_content needs read_grad_targets != 0 (which targets are later) and "
+                            "write_attention 'keyed' or 'slots' (the tokens write has no separable slot shares)")
         if self.later_read_hidden and not self.later_read_map:
             raise GmemError("memory later_read_hidden sizes the later_read_map's decoder; set later_read_map=True "
                             "or leave later_read_hidden=0")

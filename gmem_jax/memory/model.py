@@ -74,16 +74,16 @@ def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, bat
 
 def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig,
                  frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
-                 later: Optional[jax.Array] = None) -> dict:
+                 later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S]). Pass `frozen` where
     the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
     `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
-    [B, T]): see `GMemory.inject`."""
+    [B, T]): see `GMemory.inject`; `content_state`: see `GMemory.read_and_inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
-        h_out, alpha = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later)
+        h_out, alpha = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later, content_state)
         return h_out, (h, alpha)
 
     if mcfg.injection != "final":
@@ -176,11 +176,15 @@ def forward_segments(
     sp = mcfg.sp_head and "sent_pos" in batch
     head_fn = partial(backbone.lm_logits, cfg=cfg)
 
-    def seg_step(state, xs):
+    # memory.later_train_content: a second copy of the state (the same values) carries the later targets' gradient
+    content = use_memory and mcfg.later_train_content
+
+    def seg_step(carry, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
-        state = jnp.where(rst[:, None, None], init, state)
+        state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry)
         detach = _later_targets(lmask, mcfg.read_grad_targets)
-        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None)
+        hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
+                             content_state)
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
@@ -202,9 +206,13 @@ def forward_segments(
         correct = (pred == take(lab)).astype(jnp.float32) * w
         if use_memory:
             new_state, z = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override)
+            if content:
+                content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
+                                         gate_override, True)
             if mcfg.bptt_depth:
                 cut = (k + 1) % mcfg.bptt_depth == 0  # truncated BPTT: no gradient into older segments
-                new_state = jnp.where(cut, jax.lax.stop_gradient(new_state), new_state)
+                new_state, content_state = (None if x is None else jnp.where(cut, jax.lax.stop_gradient(x), x)
+                                            for x in (new_state, content_state))
         else:
             new_state, z = state, jnp.zeros_like(state)
         s = _call(mem_params, cfg, mcfg, GMemory.importance, new_state)
@@ -214,7 +222,7 @@ def forward_segments(
         if sp:
             ys["sent_h"] = jnp.take_along_axis(hidden, spos[..., None], axis=1)  # [B, Ms, H]
             ys["question"] = _question_vector(hidden, msk, lmask)
-        return new_state, ys
+        return (new_state, content_state), ys
 
     if mcfg.remat:
         seg_step = jax.checkpoint(seg_step, prevent_cse=False,
@@ -225,7 +233,7 @@ def forward_segments(
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
                                           batch["loss_mask"].astype(jnp.float32), reset, spos)),
           None if features is None else jax.tree.map(seg_major, features))
-    final_state, ys = jax.lax.scan(seg_step, state0, xs)
+    (final_state, _), ys = jax.lax.scan(seg_step, (state0, state0 if content else None), xs)
 
     nll, ntok, correct = ys["nll"].sum(0), ys["tokens"].sum(0), ys["correct"].sum(0)  # [B]
     total_tokens = jnp.maximum(ntok.sum(), 1.0)

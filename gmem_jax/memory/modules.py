@@ -124,7 +124,7 @@ class GMemory(nn.Module):
         nh = self.cfg.num_heads
         return y.reshape(y.shape[:-1] + (nh, y.shape[-1] // nh)).astype(jnp.float32)
 
-    def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array):
+    def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array, content_only: bool = False):
         """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S]).
 
         Per head, every real token distributes one unit of weight over the slots (softmax over S); slot s stores
@@ -135,7 +135,7 @@ class GMemory(nn.Module):
         stored, and a slot's write strength is the weight it won relative to the most-written slot of its head.
         With min(1, won) and S >> T, an unsharpened address gives every slot ~T/S: the write is too weak to
         learn from (synthetic binding features at 256 slots: 37% right vs 96% with the relative strength;
-        docs/results.md, "Binding")."""
+        docs/results.md, "Binding"). content_only: the token-to-slot shares are gradient constants (see `write`)."""
         B, S, M = state.shape
         if self.cfg.write_attention == "keyed":
             keys = self._split_heads(self.slot_keys)  # [S, nh, M/nh], the same for every example
@@ -146,6 +146,8 @@ class GMemory(nn.Module):
         k, v = self._split_heads(self.write_k(x)), self._split_heads(self.write_v(x))  # [B, T, nh, M/nh]
         logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(q.shape[-1])
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
+        if content_only:
+            share = jax.lax.stop_gradient(share)
         won = share.sum(-1)  # [B, nh, S]
         a = jnp.einsum("bhst,bthd->bshd", share / (won[..., None] + _EPS), v).reshape(B, S, M)
         if self.cfg.write_attention == "keyed":  # relative: the most-written slot of a head gets the full gate
@@ -154,12 +156,16 @@ class GMemory(nn.Module):
             strength = jnp.minimum(won, 1.0)
         return self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32), strength.mean(1)
 
-    def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None):
+    def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
+              content_only: bool = False):
         """Consolidate a segment into memory.
 
         state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]).
         A segment with no real tokens (front padding) leaves the memory exactly unchanged. gate_override forces the
-        update gate (0 = closed, 1 = open) for tests and ablations.
+        update gate (0 = closed, 1 = open) for tests and ablations. content_only (memory.later_train_content; not
+        for write_attention="tokens"): the same values, but which slot gets what and how much of it (the
+        token-to-slot shares, the gates) are gradient constants, so a loss through this state trains only what is
+        stored (values, output map, GRU candidate, the encoder through them).
         """
         c = self.cfg
         x = self.encode(h, "write")
@@ -168,8 +174,10 @@ class GMemory(nn.Module):
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
             strength = None
         else:
-            a, strength = self._slot_competitive_write(state, x, mask)
+            a, strength = self._slot_competitive_write(state, x, mask, content_only)
         gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
+        if content_only:
+            gates = jax.lax.stop_gradient(gates)
         z = gates[..., : c.mem_dim]
         if gate_override is not None:
             z = jnp.full_like(z, gate_override)
@@ -184,19 +192,21 @@ class GMemory(nn.Module):
         return z * cand + (1.0 - z) * state, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def _retrieve(self, state: jax.Array, h: jax.Array):
-        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, alpha [B, T, S])."""
+    def _retrieve(self, state: jax.Array, h: jax.Array, content_only: bool = False):
+        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, alpha [B, T, S]); content_only: the read
+        weights alpha are gradient constants."""
+        sg = jax.lax.stop_gradient if content_only else (lambda a: a)
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
         if c.write_attention == "keyed":  # per head: match the slots' addresses, read that head's part of them
             q, keys = self._split_heads(self.read_q(x)), self._split_heads(self.slot_keys)  # [B,T,nh,d], [S,nh,d]
             logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
-            alpha = jax.nn.softmax(logits, axis=-1)
+            alpha = sg(jax.nn.softmax(logits, axis=-1))
             retrieved = jnp.einsum("bths,bshd->bthd", alpha, self._split_heads(state)).reshape(x.shape)
             return retrieved, alpha.mean(2)
         logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
-        alpha = jax.nn.softmax(logits, axis=-1)
+        alpha = sg(jax.nn.softmax(logits, axis=-1))
         return jnp.einsum("bts,bsm->btm", alpha, state), alpha
 
     def read(self, state: jax.Array, h: jax.Array):
@@ -205,9 +215,15 @@ class GMemory(nn.Module):
         return self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32), alpha
 
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
-                        later: Optional[jax.Array] = None):
-        """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S])."""
+                        later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None):
+        """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S]).
+        content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
+        `detach` tokens then read it with constant read weights instead of having their read stop-gradiented."""
         retrieved, alpha = self._retrieve(state, h)
+        if content_state is not None:
+            content, _ = self._retrieve(content_state, h, content_only=True)
+            retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
+            detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
         return self.inject(h, r, detach, later, retrieved), alpha
 

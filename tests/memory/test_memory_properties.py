@@ -237,6 +237,46 @@ def test_later_read_map_is_trained_by_the_later_targets_alone(hidden):
         mcfg.replace(later_read_map=False, later_read_hidden=8)
 
 
+ADDRESSING = ("slot_keys", "read_q", "write_k", "write_strength", "gate", "importance_mlp")
+CONTENT = ("write_v", "write_o", "decoder", "slots", "encoder")
+
+
+def test_later_train_content_trains_what_is_stored_but_not_where():
+    """memory.later_train_content (read_grad_targets=1): the second answer target adds gradient to what the memory
+    stores and decodes (CONTENT) but none to where facts go or are looked up (ADDRESSING); the loss and the first
+    target's gradients are those of read_grad_targets=1 alone."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0, token_gate=True,
+                        read_grad_targets=1, later_train_content=True)
+    mem = perturbed_memory(cfg, mcfg)
+    b = random_batch(cfg, B=2, N=3, T=8, loss_frac=0.0)
+    b["token_mask"][:] = True
+    b["features"] = np.random.default_rng(1).standard_normal((2, 3, 8, cfg.hidden_size)).astype(np.float32)
+    both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
+    both[:, 2, 4:6], first[:, 2, 4] = 1.0, 1.0
+
+    @partial(jax.jit, static_argnums=0)
+    def grads(m, lmask):
+        return jax.value_and_grad(lambda p: forward_segments(p, frozen, {**b, "loss_mask": lmask}, cfg, m).loss)(mem)
+
+    (loss_both, g_both), (loss_first, g_first) = grads(mcfg, both), grads(mcfg, first)
+    plain = mcfg.replace(later_train_content=False)
+    (plain_both, g_plain_both), (plain_first, g_plain_first) = grads(plain, both), grads(plain, first)
+    np.testing.assert_allclose(float(loss_both), float(plain_both), rtol=1e-6)
+    np.testing.assert_allclose(float(loss_first), float(plain_first), rtol=1e-6)
+    close = lambda a, f: np.testing.assert_allclose(np.asarray(a), np.asarray(f), rtol=2e-4, atol=1e-7)  # noqa: E731
+    jax.tree.map(close, g_first, g_plain_first)
+    for name in ADDRESSING:  # the loss is a mean over targets: the first target's share halves with both
+        jax.tree.map(lambda a, f: close(a, 0.5 * f), g_both[name], g_first[name])
+    largest = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))  # noqa: E731
+    for name in CONTENT:  # plain read_grad_targets=1: halved as well; with the option, the second target adds
+        jax.tree.map(lambda a, f: close(a, 0.5 * f), g_plain_both[name], g_first[name])
+        gap = largest(jax.tree.map(lambda a, f: a - 0.5 * f, g_both[name], g_first[name]))
+        assert gap > 1e-4 * largest(g_first[name]), name
+    with pytest.raises(GmemError, match="later_train_content needs"):
+        mcfg.replace(write_attention="tokens")
+
+
 def test_token_gate_scales_only_what_was_read():
     """memory.token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, the identity at init; checked against
     the formula in numpy."""
