@@ -200,6 +200,23 @@ def test_read_grad_targets_stops_later_targets_training_the_memory(token_gate):
         assert gap(m_detached[name], m_all[name]) > 1e-5, name
 
 
+def _two_target_grads(cfg, frozen, n_seg):
+    """A batch [2, n_seg, 8] of random cached features whose last segment has answer targets at positions 4 and 5:
+    (grads(mcfg, mem_params, loss_mask) -> (loss, gradients), loss mask with both targets, with the first alone)."""
+    b = random_batch(cfg, B=2, N=n_seg, T=8, loss_frac=0.0)
+    b["token_mask"][:] = True
+    b["features"] = np.random.default_rng(1).standard_normal((2, n_seg, 8, cfg.hidden_size)).astype(np.float32)
+    both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
+    both[:, -1, 4:6], first[:, -1, 4] = 1.0, 1.0
+
+    @partial(jax.jit, static_argnums=0)
+    def grads(m, params, lmask):
+        return jax.value_and_grad(lambda p: forward_segments(p, frozen, {**b, "loss_mask": lmask}, cfg, m).loss)(
+            params)
+
+    return grads, both, first
+
+
 @pytest.mark.parametrize("hidden", [0, 16])
 def test_later_read_map_is_trained_by_the_later_targets_alone(hidden):
     """memory.later_read_map (read_grad_targets=1): W_l (hidden=0; an MLP of its own if > 0) gets gradient from the
@@ -209,16 +226,7 @@ def test_later_read_map_is_trained_by_the_later_targets_alone(hidden):
     mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0, token_gate=True,
                         read_grad_targets=1, later_read_map=True, later_read_hidden=hidden)
     mem = perturbed_memory(cfg, mcfg)
-    b = random_batch(cfg, B=2, N=2, T=8, loss_frac=0.0)
-    b["token_mask"][:] = True
-    b["features"] = np.random.default_rng(1).standard_normal((2, 2, 8, cfg.hidden_size)).astype(np.float32)
-    both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
-    both[:, 1, 4:6], first[:, 1, 4] = 1.0, 1.0
-
-    @partial(jax.jit, static_argnums=0)
-    def grads(m, params, lmask):
-        return jax.value_and_grad(lambda p: forward_segments(p, frozen, {**b, "loss_mask": lmask}, cfg, m).loss)(
-            params)
+    grads, both, first = _two_target_grads(cfg, frozen, n_seg=2)
 
     (loss_both, g_both), (loss_first, g_first) = grads(mcfg, mem, both), grads(mcfg, mem, first)
     plain_cfg = mcfg.replace(later_read_map=False, later_read_hidden=0)
@@ -249,19 +257,10 @@ def test_later_train_content_trains_what_is_stored_but_not_where():
     mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0, token_gate=True,
                         read_grad_targets=1, later_train_content=True)
     mem = perturbed_memory(cfg, mcfg)
-    b = random_batch(cfg, B=2, N=3, T=8, loss_frac=0.0)
-    b["token_mask"][:] = True
-    b["features"] = np.random.default_rng(1).standard_normal((2, 3, 8, cfg.hidden_size)).astype(np.float32)
-    both, first = b["loss_mask"].copy(), b["loss_mask"].copy()
-    both[:, 2, 4:6], first[:, 2, 4] = 1.0, 1.0
-
-    @partial(jax.jit, static_argnums=0)
-    def grads(m, lmask):
-        return jax.value_and_grad(lambda p: forward_segments(p, frozen, {**b, "loss_mask": lmask}, cfg, m).loss)(mem)
-
-    (loss_both, g_both), (loss_first, g_first) = grads(mcfg, both), grads(mcfg, first)
+    grads, both, first = _two_target_grads(cfg, frozen, n_seg=3)
+    (loss_both, g_both), (loss_first, g_first) = grads(mcfg, mem, both), grads(mcfg, mem, first)
     plain = mcfg.replace(later_train_content=False)
-    (plain_both, g_plain_both), (plain_first, g_plain_first) = grads(plain, both), grads(plain, first)
+    (plain_both, g_plain_both), (plain_first, g_plain_first) = grads(plain, mem, both), grads(plain, mem, first)
     np.testing.assert_allclose(float(loss_both), float(plain_both), rtol=1e-6)
     np.testing.assert_allclose(float(loss_first), float(plain_first), rtol=1e-6)
     close = lambda a, f: np.testing.assert_allclose(np.asarray(a), np.asarray(f), rtol=2e-4, atol=1e-7)  # noqa: E731
