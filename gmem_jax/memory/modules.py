@@ -192,26 +192,35 @@ class GMemory(nn.Module):
         return z * cand + (1.0 - z) * state, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def _retrieve(self, state: jax.Array, h: jax.Array, content_only: bool = False):
-        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, alpha [B, T, S]); content_only: the read
-        weights alpha are gradient constants."""
-        sg = jax.lax.stop_gradient if content_only else (lambda a: a)
+    def _read_weights(self, state: jax.Array, h: jax.Array) -> jax.Array:
+        """Read weights: state [B, S, M], h [B, T, H] -> [B, T, heads, S] (keyed, one softmax per head over that
+        head's part of the slots) or [B, T, S]."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
-        if c.write_attention == "keyed":  # per head: match the slots' addresses, read that head's part of them
+        if c.write_attention == "keyed":  # per head: match the slots' addresses
             q, keys = self._split_heads(self.read_q(x)), self._split_heads(self.slot_keys)  # [B,T,nh,d], [S,nh,d]
             logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
-            alpha = sg(jax.nn.softmax(logits, axis=-1))
-            retrieved = jnp.einsum("bths,bshd->bthd", alpha, self._split_heads(state)).reshape(x.shape)
-            return retrieved, alpha.mean(2)
-        logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
-        alpha = sg(jax.nn.softmax(logits, axis=-1))
-        return jnp.einsum("bts,bsm->btm", alpha, state), alpha
+        else:
+            logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
+        return jax.nn.softmax(logits, axis=-1)
+
+    def _gather(self, weights: jax.Array, state: jax.Array) -> jax.Array:
+        """alpha Mem: weights from `_read_weights`, state [B, S, M] -> [B, T, M] float32."""
+        if weights.ndim == 4:  # keyed: each head reads its part of the slots
+            out = jnp.einsum("bths,bshd->bthd", weights, self._split_heads(state))
+            return out.reshape(out.shape[:2] + (-1,))
+        return jnp.einsum("bts,bsm->btm", weights, state)
+
+    def _retrieve(self, state: jax.Array, h: jax.Array):
+        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S])."""
+        weights = self._read_weights(state, h)
+        alpha = weights.mean(2) if weights.ndim == 4 else weights
+        return self._gather(weights, state), weights, alpha
 
     def read(self, state: jax.Array, h: jax.Array):
         """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
-        retrieved, alpha = self._retrieve(state, h)
+        retrieved, _, alpha = self._retrieve(state, h)
         return self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32), alpha
 
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
@@ -219,9 +228,9 @@ class GMemory(nn.Module):
         """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S]).
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented."""
-        retrieved, alpha = self._retrieve(state, h)
-        if content_state is not None:
-            content, _ = self._retrieve(content_state, h, content_only=True)
+        retrieved, weights, alpha = self._retrieve(state, h)
+        if content_state is not None:  # content_state has state's values, so the same weights, held constant
+            content = self._gather(jax.lax.stop_gradient(weights), content_state)
             retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
             detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
