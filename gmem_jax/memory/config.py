@@ -71,7 +71,10 @@ class MemoryConfig:
       bank, the encoder through the values, the decoder) but not where facts go or are looked up (slot keys, read
       queries, the write's token-to-slot shares and strength, the gates, importance). The forward pass is unchanged;
       a second copy of the state, written and read with those weights as gradient constants, carries the later
-      targets' gradient (about twice the memory's compute). Keyed or slots write attention.
+      targets' gradient (about twice the memory's compute). Keyed or slots write attention. With later_read_map
+      (later_read_hidden > 0) the later targets reach that content through their own decoder alone: the shared
+      decoder and read map stay the first targets' (on the tiny backbone the EOS training the read map with
+      the read itself stop-gradiented already lost the binding: docs/results.md).
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
     """
@@ -125,6 +128,9 @@ class MemoryConfig:
         if self.later_train_content and not (self.read_grad_targets and self.write_attention != "tokens"):
             raise GmemError("memory later_train_content needs read_grad_targets != 0 (which targets are later) and "
                             "write_attention 'keyed' or 'slots' (the tokens write has no separable slot shares)")
+        if self.later_train_content and self.later_read_map and not self.later_read_hidden:
+            raise GmemError("memory later_train_content with later_read_map trains the content through the later "
+                            "targets' own decoder of alpha Mem: set later_read_hidden > 0")
         if self.later_read_hidden and not self.later_read_map:
             raise GmemError("memory later_read_hidden sizes the later_read_map's decoder; set later_read_map=True "
                             "or leave later_read_hidden=0")

@@ -229,21 +229,28 @@ class GMemory(nn.Module):
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented."""
         retrieved, weights, alpha = self._retrieve(state, h)
+        own_source = None
         if content_state is not None:  # content_state has state's values, so the same weights, held constant
             content = self._gather(jax.lax.stop_gradient(weights), content_state)
-            retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
-            detach = None
+            if self.cfg.later_read_map:  # the later targets reach the content through their own decoder only
+                own_source = content
+            else:
+                retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
+                detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
-        return self.inject(h, r, detach, later, retrieved), alpha
+        return self.inject(h, r, detach, later, retrieved, own_source), alpha
 
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
-               later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None) -> jax.Array:
+               later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
+               own_source: Optional[jax.Array] = None) -> jax.Array:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
         gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
         the memory reads. `later` (bool, broadcastable to [B, T]; memory.later_read_map): these tokens also add
         W_l sg(r), so they train W_l on what was read without training the read (with later_read_hidden > 0:
-        L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder)."""
+        L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder; `own_source` [B, T, M],
+        from `read_and_inject` with later_train_content, replaces sg(retrieved) there: equal values, but gradient to
+        what the memory stores)."""
         if self.cfg.injection == "final":
             dt = self.cfg.dtype
             const = (lambda x: x) if detach is None else (  # noqa: E731
@@ -259,8 +266,9 @@ class GMemory(nn.Module):
             else:
                 gate, from_h, from_r = 1.0, self.inject_fuse(jnp.concatenate([h, r], -1).astype(dt)), 0.0
             if self.cfg.later_read_map:  # computed everywhere (a [T, H] x [H, H] matmul), kept where later
-                source = retrieved if self.cfg.later_read_hidden else r
-                own = self.inject_later(jax.lax.stop_gradient(source).astype(dt))
+                source = own_source if own_source is not None else jax.lax.stop_gradient(
+                    retrieved if self.cfg.later_read_hidden else r)
+                own = self.inject_later(source.astype(dt))
                 later = jnp.broadcast_to(False if later is None else later, h.shape[:2])
                 from_r = from_r + jnp.where(later[..., None], own, 0.0)
             out = h.astype(jnp.float32) + (from_h + gate * from_r).astype(jnp.float32)

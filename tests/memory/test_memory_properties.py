@@ -249,13 +249,17 @@ ADDRESSING = ("slot_keys", "read_q", "write_k", "write_strength", "gate", "impor
 CONTENT = ("write_v", "write_o", "decoder", "slots", "encoder")
 
 
-def test_later_train_content_trains_what_is_stored_but_not_where():
+@pytest.mark.parametrize("own_decoder", [False, True])
+def test_later_train_content_trains_what_is_stored_but_not_where(own_decoder):
     """memory.later_train_content (read_grad_targets=1): the second answer target adds gradient to what the memory
     stores and decodes (CONTENT) but none to where facts go or are looked up (ADDRESSING); the loss and the first
-    target's gradients are those of read_grad_targets=1 alone."""
+    target's gradients are those of the same config without the option. With later_read_map (own_decoder) the
+    second target reaches the content through its own decoder only: none to the shared decoder or read map, and
+    its own decoder's gradient is later_read_map's alone."""
     cfg, frozen = tiny_backbone("llama")
+    extra = dict(later_read_map=True, later_read_hidden=16) if own_decoder else {}
     mcfg = small_memory("final", write_attention="keyed", sparsity_weight=0.0, entropy_weight=0.0, token_gate=True,
-                        read_grad_targets=1, later_train_content=True)
+                        read_grad_targets=1, later_train_content=True, **extra)
     mem = perturbed_memory(cfg, mcfg)
     grads, both, first = _two_target_grads(cfg, frozen, n_seg=3)
     (loss_both, g_both), (loss_first, g_first) = grads(mcfg, mem, both), grads(mcfg, mem, first)
@@ -265,15 +269,21 @@ def test_later_train_content_trains_what_is_stored_but_not_where():
     np.testing.assert_allclose(float(loss_first), float(plain_first), rtol=1e-6)
     close = lambda a, f: np.testing.assert_allclose(np.asarray(a), np.asarray(f), rtol=2e-4, atol=1e-7)  # noqa: E731
     jax.tree.map(close, g_first, g_plain_first)
-    for name in ADDRESSING:  # the loss is a mean over targets: the first target's share halves with both
+    shared_decoding = ("decoder", "inject_read") if own_decoder else ()
+    content = tuple(n for n in CONTENT if n not in shared_decoding)
+    for name in ADDRESSING + shared_decoding:  # the loss is a mean over targets: the first target's share halves
         jax.tree.map(lambda a, f: close(a, 0.5 * f), g_both[name], g_first[name])
+    if own_decoder:
+        jax.tree.map(close, g_both["inject_later"], g_plain_both["inject_later"])
     largest = lambda tree: max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))  # noqa: E731
-    for name in CONTENT:  # plain read_grad_targets=1: halved as well; with the option, the second target adds
+    for name in content:  # without the option: halved as well; with it, the second target adds
         jax.tree.map(lambda a, f: close(a, 0.5 * f), g_plain_both[name], g_first[name])
         gap = largest(jax.tree.map(lambda a, f: a - 0.5 * f, g_both[name], g_first[name]))
         assert gap > 1e-4 * largest(g_first[name]), name
     with pytest.raises(GmemError, match="later_train_content needs"):
         mcfg.replace(write_attention="tokens")
+    with pytest.raises(GmemError, match="set later_read_hidden > 0"):
+        mcfg.replace(later_read_map=True, later_read_hidden=0)
 
 
 def test_token_gate_scales_only_what_was_read():
