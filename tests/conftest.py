@@ -11,9 +11,10 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One persistent XLA compilation cache per test session, inherited by the trainer subprocesses: they compile the
-# same tiny programs over and over (a 2-step tiny run drops from ~30 to ~8 CPU-seconds with a warm cache). Fresh
-# per session so no stale entry outlives the code; a cached executable is keyed on its HLO, flags and devices.
+# One persistent XLA compilation cache per test process (each pytest-xdist worker has its own, so no two processes
+# write one cache), inherited by the trainer subprocesses: they compile the same tiny programs over and over (a
+# 2-step tiny run drops from ~30 to ~8 CPU-seconds with a warm cache). Fresh per session so no stale entry
+# outlives the code; a cached executable is keyed on its HLO, flags and devices.
 _CACHE = tempfile.mkdtemp(prefix="gmem-jax-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
