@@ -5,7 +5,8 @@
 BABI_DIR is the bAbI en-10k folder (../shared/data/babi/en-10k); each EVAL_DIR holds an eval_results.json of
 `python -m gmem_jax.evaluate` on qa1. Every predicted location of every system is one of: the asked person's last
 location (right), an earlier location of the same person (stale), another location the story names (other), or
-one the story does not name (unstated); answers are normalised as the exact-match metric does. Counts per system, over the evaluated questions.
+one the story does not name (unstated); answers are normalised as the exact-match metric does. Counts per system,
+over the evaluated questions.
 """
 import json
 import sys
