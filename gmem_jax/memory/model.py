@@ -34,7 +34,7 @@ EXTRACT_NAME = "memory_extract"
 
 class SegmentOutputs(NamedTuple):
     loss: jax.Array  # scalar: the composite objective
-    metrics: dict  # scalars: loss, ce, sparsity, entropy, sp_bce, accuracy, tokens, gate_open
+    metrics: dict  # scalars: loss, ce, sparsity, entropy, sp_bce, accuracy, tokens, gate_open, read_gate
     state: jax.Array  # [B, S, M] memory after the last segment
     per_example: dict  # nll_sum, tokens, correct: [B] each (teacher-forced, over loss positions)
     segment_nll: jax.Array  # [B, N] summed NLL of each segment's loss positions
@@ -76,15 +76,17 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
                  frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
                  later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
-    result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S]). Pass `frozen` where
+    result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
+    None). Pass `frozen` where
     the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
     `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
     [B, T]): see `GMemory.inject`; `content_state`: see `GMemory.read_and_inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
-        h_out, alpha = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later, content_state)
-        return h_out, (h, alpha)
+        h_out, alpha, gate = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later,
+                                   content_state)
+        return h_out, (h, alpha, gate)
 
     if mcfg.injection != "final":
         return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
@@ -95,11 +97,11 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
     return hooks
 
 
-def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.Array, jax.Array]:
+def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     """From a forward with `memory_hooks(..., frozen)`: (the hidden states the write consumes [B, T, H], the read
-    weights [B, T, S])."""
-    h_read, alpha = out.final_aux if mcfg.injection == "final" else out.layer_aux
-    return (out.layer_aux if mcfg.write_layer >= 0 else h_read), alpha
+    weights [B, T, S], the token gate [B, T] or None)."""
+    h_read, alpha, gate = out.final_aux if mcfg.injection == "final" else out.layer_aux
+    return (out.layer_aux if mcfg.write_layer >= 0 else h_read), alpha, gate
 
 
 def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
@@ -188,9 +190,9 @@ def forward_segments(
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
-            h_ext, alpha = write_source(out, mcfg)
+            h_ext, alpha, read_gate = write_source(out, mcfg)
         else:  # the frozen backbone's output was computed once, ahead of training (final injection only)
-            hidden, (h_ext, alpha) = hooks["final_hook"](feat["read"])
+            hidden, (h_ext, alpha, read_gate) = hooks["final_hook"](feat["read"])
             h_ext = feat["write"] if mcfg.write_layer >= 0 else h_ext
         pos = _loss_positions(lmask, K)  # [B, K]
         take = lambda x: jnp.take_along_axis(x, pos, axis=1)
@@ -219,6 +221,8 @@ def forward_segments(
         ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
                   usage=alpha.mean((0, 1)), gate=z.mean((0, 2)))
+        if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
+            ys["read_gate"] = (take(read_gate) * w).sum(-1)
         if sp:
             ys["sent_h"] = jnp.take_along_axis(hidden, spos[..., None], axis=1)  # [B, Ms, H]
             ys["question"] = _question_vector(hidden, msk, lmask)
@@ -242,6 +246,8 @@ def forward_segments(
     loss = ce + mcfg.sparsity_weight * sparsity - mcfg.entropy_weight * entropy
     metrics = dict(ce=ce, sparsity=sparsity, entropy=entropy, accuracy=correct.sum() / total_tokens,
                    tokens=ntok.sum(), gate_open=ys["gate"].mean())
+    if "read_gate" in ys:  # a bAbI run whose token gate closed used no memory at all (docs/results.md)
+        metrics["read_gate"] = ys["read_gate"].sum() / total_tokens
     sp_logits = None
     if sp:
         Ms = spos.shape[-1]
@@ -321,7 +327,7 @@ def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask:
         tok, msk = xs
         out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
                                **memory_hooks(mem_params, state, cfg, mcfg, frozen))
-        h_ext, _ = write_source(out, mcfg)
+        h_ext, _, _ = write_source(out, mcfg)
         return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk)[0], None
 
     state, _ = jax.lax.scan(seg_step, state, (jnp.swapaxes(tokens, 0, 1), jnp.swapaxes(token_mask, 0, 1)))

@@ -225,7 +225,8 @@ class GMemory(nn.Module):
 
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
                         later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None):
-        """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S]).
+        """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S], the
+        token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate).
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented."""
         retrieved, weights, alpha = self._retrieve(state, h)
@@ -238,11 +239,18 @@ class GMemory(nn.Module):
                 retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
                 detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
-        return self.inject(h, r, detach, later, retrieved, own_source), alpha
+        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source)
+        return h_out, alpha, gate
 
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
                later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
                own_source: Optional[jax.Array] = None) -> jax.Array:
+        """`_inject` without the gate."""
+        return self._inject(h, r, detach, later, retrieved, own_source)[0]
+
+    def _inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
+                later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
+                own_source: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[jax.Array]]:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
         gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
@@ -250,7 +258,8 @@ class GMemory(nn.Module):
         W_l sg(r), so they train W_l on what was read without training the read (with later_read_hidden > 0:
         L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder; `own_source` [B, T, M],
         from `read_and_inject` with later_train_content, replaces sg(retrieved) there: equal values, but gradient to
-        what the memory stores)."""
+        what the memory stores). Returns (h', the token gate [B, T] stop-gradiented, or None without token_gate)."""
+        token_gate = None
         if self.cfg.injection == "final":
             dt = self.cfg.dtype
             const = (lambda x: x) if detach is None else (  # noqa: E731
@@ -258,6 +267,7 @@ class GMemory(nn.Module):
             if self.cfg.token_gate:  # each token decides how much of what the memory read it takes; the later
                 # targets train that decision too, but through the gate alone, not through what was read
                 gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, const(r)], -1).astype(dt)))
+                token_gate = jax.lax.stop_gradient(gate[..., 0]).astype(jnp.float32)
                 from_h, from_r = self.inject_fuse(h.astype(dt)), const(self.inject_read(r.astype(dt)))
             elif detach is not None:  # W[h; r] + b = (W[h; 0] + b) + (the rest)
                 gate = 1.0
@@ -274,7 +284,7 @@ class GMemory(nn.Module):
             out = h.astype(jnp.float32) + (from_h + gate * from_r).astype(jnp.float32)
         else:
             out = h.astype(jnp.float32) + self.inject_gate * r
-        return out.astype(h.dtype)
+        return out.astype(h.dtype), token_gate
 
     # ---- supporting facts --------------------------------------------------------------------------------
     def sentence_scores(self, sent_h: jax.Array, question_h: jax.Array) -> jax.Array:
@@ -287,7 +297,7 @@ class GMemory(nn.Module):
     def __call__(self, h: jax.Array, mask: jax.Array):
         """Touches every parameter (used by init): h [B, T, H], mask [B, T]."""
         state = self.initial_state(h.shape[0])
-        h_out, _ = self.read_and_inject(state, h)
+        h_out, _, _ = self.read_and_inject(state, h)
         state, _ = self.write(state, h, mask)
         out = h_out, self.importance(state)
         if self.cfg.sp_head:

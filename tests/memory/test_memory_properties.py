@@ -304,6 +304,24 @@ def test_token_gate_scales_only_what_was_read():
              "inject_token_gate": {"kernel": v, "bias": np.array([c], np.float32)}}
         gate = 1.0 / (1.0 + np.exp(-(np.concatenate([h, r], -1) @ v + c)))
         np.testing.assert_allclose(inject(p), h + h @ wh + b + gate * (r @ wr), rtol=1e-5, atol=1e-5)
+        _, reported = module.apply({"params": p}, h, r, method=GMemory._inject)  # the gate the metrics see
+        np.testing.assert_allclose(np.asarray(reported), gate[..., 0], rtol=1e-5, atol=1e-7)
+
+
+def test_read_gate_metric_is_the_token_gate_at_the_answer_positions():
+    """metrics["read_gate"]: the token gate averaged over the loss positions; with v = 0 the gate is sigmoid(c)
+    at every token, so the metric must be exactly that. Without memory.token_gate there is no such metric."""
+    cfg, frozen = tiny_backbone("llama")
+    b = random_batch(cfg, B=2, N=3, T=8)
+    mcfg = small_memory("final", token_gate=True)
+    mem = perturbed_memory(cfg, mcfg)
+    for c in (0.0, 1.5):
+        p = {**mem, "inject_token_gate": {"kernel": np.zeros_like(mem["inject_token_gate"]["kernel"]),
+                                          "bias": np.array([c], np.float32)}}
+        got = float(forward_segments(p, frozen, b, cfg, mcfg).metrics["read_gate"])
+        np.testing.assert_allclose(got, 1.0 / (1.0 + np.exp(-c)), rtol=1e-6)
+    plain = small_memory("final")
+    assert "read_gate" not in forward_segments(perturbed_memory(cfg, plain), frozen, b, cfg, plain).metrics
 
 
 @pytest.mark.parametrize("n, expected", [
