@@ -261,7 +261,8 @@ def forward_segments(
     return SegmentOutputs(
         loss=loss, metrics=metrics, state=final_state,
         per_example=dict(nll_sum=nll, tokens=ntok, correct=correct),
-        segment_nll=jnp.swapaxes(ys["nll"], 0, 1), predictions=jnp.swapaxes(ys["pred"], 0, 1), positions=jnp.swapaxes(ys["pos"], 0, 1),
+        segment_nll=jnp.swapaxes(ys["nll"], 0, 1), predictions=jnp.swapaxes(ys["pred"], 0, 1),
+        positions=jnp.swapaxes(ys["pos"], 0, 1),
         sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
     )
 
