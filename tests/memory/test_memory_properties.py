@@ -310,7 +310,8 @@ def test_token_gate_scales_only_what_was_read():
 
 def test_read_gate_metric_is_the_token_gate_at_the_answer_positions():
     """metrics["read_gate"]: the token gate averaged over the loss positions; with v = 0 the gate is sigmoid(c)
-    at every token, so the metric must be exactly that. Without memory.token_gate there is no such metric."""
+    at every token, so the metric must be exactly that; with a gate that varies by token, the mean at exactly the
+    loss positions. Without memory.token_gate there is no such metric."""
     cfg, frozen = tiny_backbone("llama")
     b = random_batch(cfg, B=2, N=3, T=8)
     mcfg = small_memory("final", token_gate=True)
@@ -320,6 +321,17 @@ def test_read_gate_metric_is_the_token_gate_at_the_answer_positions():
                                           "bias": np.array([c], np.float32)}}
         got = float(forward_segments(p, frozen, b, cfg, mcfg).metrics["read_gate"])
         np.testing.assert_allclose(got, 1.0 / (1.0 + np.exp(-c)), rtol=1e-6)
+    # a gate that varies by token, and a loss on the last segment only: the mean of the gate the last segment's
+    # forward reports (reading what the earlier segments wrote) over exactly the loss positions
+    b["loss_mask"][:, :-1] = 0.0
+    b["loss_mask"][:, -1] = np.array([[0, 1, 0, 0, 1, 1, 0, 0], [1, 0, 0, 1, 0, 0, 0, 0]], np.float32)
+    state = write_context(mem, frozen, b["tokens"][:, :-1], b["token_mask"][:, :-1], cfg, mcfg)
+    out = forward(frozen, b["tokens"][:, -1], cfg, kv_mask=b["token_mask"][:, -1], compute_logits=False,
+                  **memory_hooks(mem, state, cfg, mcfg, frozen))
+    gate = np.asarray(out.final_aux[2])
+    assert gate.std() > 1e-3  # the check below could not tell positions apart otherwise
+    got = float(forward_segments(mem, frozen, b, cfg, mcfg).metrics["read_gate"])
+    np.testing.assert_allclose(got, gate[b["loss_mask"][:, -1] > 0].mean(), rtol=1e-5)
     plain = small_memory("final")
     assert "read_gate" not in forward_segments(perturbed_memory(cfg, plain), frozen, b, cfg, plain).metrics
 
