@@ -77,10 +77,9 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
                  later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
-    None). Pass `frozen` where
-    the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the write's source (see
-    `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
-    [B, T]): see `GMemory.inject`; `content_state`: see `GMemory.read_and_inject`."""
+    None). Pass `frozen` where the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the
+    write's source (see `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
+    [B, T]): see `GMemory._inject`; `content_state`: see `GMemory.read_and_inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
