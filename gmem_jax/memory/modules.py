@@ -132,7 +132,10 @@ class GMemory(nn.Module):
         over heads. With S >> T most slots win almost nothing, so they (and the gate) leave them as they were.
         A slot's address is its content ("slots") or its fixed learned key ("keyed"). Keyed differs twice more:
         each token's unit of weight is scaled by a learned strength in (0, 1), so a token can decline to be
-        stored, and a slot's write strength is the weight it won relative to the most-written slot of its head.
+        stored relative to the other tokens of its segment (a decline shared by all of them cancels out: a slot's
+        write strength is the weight it won relative to the most-written slot of its head; a variant measured
+        against the most-offered slot at full strength did not bind better after filler segments in a synthetic
+        check, docs/results.md, "bAbI qa1 with the binding options").
         With min(1, won) and S >> T, an unsharpened address gives every slot ~T/S: the write is too weak to
         learn from (synthetic binding features at 256 slots: 37% right vs 96% with the relative strength;
         docs/results.md, "Binding"). content_only: the token-to-slot shares are gradient constants (see `write`)."""
