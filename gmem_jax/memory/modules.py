@@ -135,7 +135,7 @@ class GMemory(nn.Module):
         stored relative to the other tokens of its segment (a decline shared by all of them cancels out: a slot's
         write strength is the weight it won relative to the most-written slot of its head; a variant measured
         against the most-offered slot at full strength did not bind better after filler segments in a synthetic
-        check, docs/results.md, "bAbI qa1 with the binding options").
+        check, docs/results.md, "bAbI qa1: the keyed write alone").
         With min(1, won) and S >> T, an unsharpened address gives every slot ~T/S: the write is too weak to
         learn from (synthetic binding features at 256 slots: 37% right vs 96% with the relative strength;
         docs/results.md, "Binding"). content_only: the token-to-slot shares are gradient constants (see `write`)."""
