@@ -27,6 +27,10 @@ class MemoryConfig:
       made from another (the person it is about) and be found by it: key/value separation, as in a fast-weight
       memory (Schlag et al. 2021). Each token's write weight is scaled by a learned strength in (0, 1), and a
       slot's gate by the weight it won relative to its head's most-written slot (not min(1, won)).
+    write_recency: keyed write only. b > 0: token t of a segment of T also weighs exp(beta (t - t_last) / (T - 1))
+      in what a slot stores (t_last the segment's last real token; the slot's write strength is unchanged), beta a
+      learned scalar initialised at b, so when several tokens of one segment win the same slot the later ones
+      dominate what it stores (a person's latest place, not the mean of all their places). 0: off.
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
@@ -98,6 +102,7 @@ class MemoryConfig:
     later_read_map: bool = False
     later_read_hidden: int = 0
     later_train_content: bool = False
+    write_recency: float = 0.0
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -134,6 +139,9 @@ class MemoryConfig:
         if self.later_read_hidden and not self.later_read_map:
             raise GmemError("memory later_read_hidden sizes the later_read_map's decoder; set later_read_map=True "
                             "or leave later_read_hidden=0")
+        if self.write_recency < 0 or (self.write_recency and self.write_attention != "keyed"):
+            raise GmemError(f"memory write_recency={self.write_recency} needs write_attention='keyed' and a value "
+                            ">= 0 (the initial recency rate; 0 turns it off)")
         if self.num_slots < 1 or self.later_read_hidden < 0 or min(self.bptt_depth, self.loss_positions) < 0:
             raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions, later_read_hidden >= 0")
 

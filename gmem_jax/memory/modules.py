@@ -11,7 +11,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               and the gate below is scaled by w_s = min(1, tokens won by s);
               write_attention="keyed": the same, but tokens are matched to fixed learned slot addresses K [S, M]
               instead of the slots' contents, each token's share is scaled by a learned strength sigmoid(u.x_t),
-              w_s = won_s / max won (per head), and the read below uses those addresses too)
+              w_s = won_s / max won (per head), and the read below uses those addresses too;
+              write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
@@ -77,6 +78,8 @@ class GMemory(nn.Module):
             self.slot_keys = self.param("slot_keys", nn.initializers.normal(1.0), (c.num_slots, M))
             self.read_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
             self.write_strength = nn.Dense(1, dtype=dt)
+            if c.write_recency:
+                self.recency = self.param("write_recency", nn.initializers.constant(c.write_recency), ())
         n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
         bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
         self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),
@@ -152,7 +155,16 @@ class GMemory(nn.Module):
         if content_only:
             share = jax.lax.stop_gradient(share)
         won = share.sum(-1)  # [B, nh, S]
-        a = jnp.einsum("bhst,bthd->bshd", share / (won[..., None] + _EPS), v).reshape(B, S, M)
+        content_share, content_won = share, won
+        if self.cfg.write_recency:  # later tokens outweigh earlier ones in what a slot stores, not in how strongly
+            # it is written (that would also fade a slot only an early token won). Measured back from the segment's
+            # last real token, which always weighs 1, so padding on either side cannot shrink a write below _EPS.
+            t = jnp.arange(x.shape[1], dtype=jnp.float32)
+            last = jnp.max(jnp.where(mask > 0, t, 0.0), axis=-1, keepdims=True)  # [B, 1]
+            decay = jnp.exp(self.recency * jnp.minimum(t - last, 0.0) / max(x.shape[1] - 1, 1))  # [B, T]
+            content_share = share * decay[:, None, None, :]
+            content_won = content_share.sum(-1)
+        a = jnp.einsum("bhst,bthd->bshd", content_share / (content_won[..., None] + _EPS), v).reshape(B, S, M)
         if self.cfg.write_attention == "keyed":  # relative: the most-written slot of a head gets the full gate
             strength = won / (won.max(-1, keepdims=True) + _EPS)
         else:

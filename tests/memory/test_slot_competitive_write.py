@@ -12,9 +12,9 @@ from gmem_jax.memory.modules import GMemory
 from memory_testlib import small_memory, tiny_backbone
 
 
-def _setup(gate="update", write_attention="slots"):
+def _setup(gate="update", write_attention="slots", **kw):
     cfg, _ = tiny_backbone("llama")
-    mcfg = small_memory("final", gate=gate, write_attention=write_attention)
+    mcfg = small_memory("final", gate=gate, write_attention=write_attention, **kw)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
@@ -34,6 +34,9 @@ def _numpy_write(mem, mcfg, state, x, mask):
         q = p["slot_keys"] if keyed else lin("write_q", state[b])
         k, v = lin("write_k", x[b]), lin("write_v", x[b])
         weight = mask[b] * (1 / (1 + np.exp(-lin("write_strength", x[b])[:, 0])) if keyed else 1.0)
+        T, last = x.shape[1], np.flatnonzero(mask[b]).max()
+        # write_recency: in what a slot stores, token t of T also weighs exp(beta (t - last real token) / (T - 1))
+        recency = np.exp(p.get("write_recency", 0.0) * np.minimum(np.arange(T) - last, 0) / (T - 1))
         a = np.zeros((S, M))
         strength = np.zeros(S)
         for hd in range(nh):
@@ -43,7 +46,7 @@ def _numpy_write(mem, mcfg, state, x, mask):
             share = share * weight[None, :]
             won = share.sum(1)
             for s in range(S):
-                a[s, cols] = (share[s] @ v[:, cols]) / (won[s] + 1e-6)
+                a[s, cols] = (share[s] * recency) @ v[:, cols] / ((share[s] * recency).sum() + 1e-6)
             strength += (won / (won.max() + 1e-6) if keyed else np.minimum(won, 1.0)) / nh
         a = lin("write_o", a)
         z = 1 / (1 + np.exp(-lin("gate", np.concatenate([state[b], a], -1))))
@@ -52,9 +55,9 @@ def _numpy_write(mem, mcfg, state, x, mask):
     return out
 
 
-@pytest.mark.parametrize("write_attention", ["slots", "keyed"])
-def test_slot_competitive_write_matches_a_numpy_transcription(write_attention):
-    mcfg, mem, call, h, state = _setup(write_attention=write_attention)
+@pytest.mark.parametrize("write_attention,recency", [("slots", 0.0), ("keyed", 0.0), ("keyed", 2.5)])
+def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency):
+    mcfg, mem, call, h, state = _setup(write_attention=write_attention, write_recency=recency)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, jnp.asarray(mask), method=GMemory.write)
     x = np.asarray(call(h, method=GMemory.encode), np.float64)
@@ -63,9 +66,9 @@ def test_slot_competitive_write_matches_a_numpy_transcription(write_attention):
     assert float(jnp.abs(new - state).max()) > 1e-2
 
 
-@pytest.mark.parametrize("write_attention", ["slots", "keyed"])
-def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention):
-    mcfg, mem, call, h, state = _setup(gate="gru", write_attention=write_attention)
+@pytest.mark.parametrize("write_attention,recency", [("slots", 0.0), ("keyed", 0.0), ("keyed", 2.5)])
+def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention, recency):
+    mcfg, mem, call, h, state = _setup(gate="gru", write_attention=write_attention, write_recency=recency)
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, mask, method=GMemory.write)
     # What sits under padding does not matter.
@@ -103,3 +106,20 @@ def test_keyed_read_matches_a_numpy_transcription():
     np.testing.assert_allclose(np.asarray(alpha), mean_alpha, rtol=1e-4, atol=1e-6)
     expected = call(jnp.asarray(retrieved, jnp.float32), method=lambda m, y: m.decoder(y))
     np.testing.assert_allclose(np.asarray(r), np.asarray(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_write_recency_lets_the_later_of_two_tokens_fill_a_slot():
+    """Two tokens aimed at the same slot: without recency the slot stores their mean; with a steep recency rate
+    it stores (almost) the later one, and the earlier one alone no longer moves it."""
+    mcfg, mem, call, h, state = _setup(write_attention="keyed", write_recency=40.0)
+    h2 = h[:1, :2]  # a segment of two tokens
+    mask = jnp.ones((1, 2), bool)
+    x = call(h2, method=GMemory.encode)
+    a_rec = call(state[:1], x, mask, method=GMemory._slot_competitive_write)[0]
+    later = call(state[:1], x[:, 1:], mask[:, 1:], method=GMemory._slot_competitive_write)[0]
+    earlier = call(state[:1], x[:, :1], mask[:, :1], method=GMemory._slot_competitive_write)[0]
+    # exp(-40) ~ 4e-18: the earlier token's share is gone from every slot the later one also won.
+    np.testing.assert_allclose(np.asarray(a_rec), np.asarray(later), rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(later - earlier).max()) > 1e-2  # the two tokens store different things
+    with pytest.raises(Exception, match="write_recency"):
+        small_memory("final", write_attention="slots", write_recency=1.0)
