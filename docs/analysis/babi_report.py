@@ -1,13 +1,18 @@
 """What bAbI qa1 answers are (an analysis script for docs/results.md, not part of the package).
 
     python docs/analysis/babi_report.py BABI_DIR EVAL_DIR [EVAL_DIR ...]
+    python docs/analysis/babi_report.py --segments configs/smollm2_babilong.py:1,1024 BABI_DIR EVAL_DIR [...]
 
 BABI_DIR is the bAbI en-10k folder (../shared/data/babi/en-10k); each EVAL_DIR holds an eval_results.json of
 `python -m gmem_jax.evaluate` on qa1. Every predicted location of every system is one of: the asked person's last
 location (right), an earlier location of the same person (stale), another location the story names (other), or
 one the story does not name (unstated); answers are normalised as the exact-match metric does. Counts per system,
-over the evaluated questions.
+over the evaluated questions. With --segments CONFIG (the eval config, so its examples are rebuilt exactly), the
+counts are also split by where the asked person's last two moves sit in the memory layout: one segment, different
+segments, or the person moved only once; a write that averages a segment's facts about one person should go stale
+mostly in the first group.
 """
+import importlib.util
 import json
 import sys
 from collections import Counter
@@ -30,17 +35,56 @@ def kind(question, answer: str) -> str:
     return "other" if answer in {loc for _, loc in moves} else "unstated"
 
 
-def report(babi_dir: Path, eval_dir: Path) -> None:
+def fact_segments(config_arg: str) -> dict:
+    """Question id -> {fact line id: memory segment index} for the eval examples of a babilong config."""
+    from gmem_jax.training import builders
+
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("eval_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    task = builders.build_task(config)
+    tokenizer = builders.build_tokenizer(config, task)
+    examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
+                                       config.task.seed)
+    return {ex.meta["id"]: {key[1]: s for s, keys in enumerate(ex.meta["sent_keys"]) for key in keys if key}
+            for ex in examples}
+
+
+def placement(question, segments: dict) -> str:
+    """Where the asked person's last two moves sit: 'one segment', 'two segments', 'moved once', or 'dropped' (one
+    of them did not fit the layout)."""
+    person = question.question.split()[-1].rstrip("?")
+    lines = [lid for lid, text in question.facts if text.split()[0] == person][-2:]
+    if any(lid not in segments for lid in lines):
+        return "dropped"
+    if len(lines) < 2:
+        return "moved once"
+    return "one segment" if segments[lines[-1]] == segments[lines[-2]] else "two segments"
+
+
+def report(babi_dir: Path, eval_dir: Path, segments: dict | None = None) -> None:
     questions = {f"qa1-test-{q.story}-{q.line}": q for q in BabiTask(str(babi_dir), tasks=(1,)).questions("test", 1)}
     preds = json.loads((eval_dir / "eval_results.json").read_text())["predictions"]
     for system, by_id in preds.items():
-        counts = Counter(kind(questions[i], normalize_answer(p["answer"])) for i, p in by_id.items())
-        print(f"{eval_dir.name} {system}: " + " / ".join(f"{k} {counts[k]}" for k in KINDS)
-              + f" (of {sum(counts.values())})")
+        groups = {"all": list(by_id)}
+        if segments is not None:
+            for i in by_id:
+                groups.setdefault(placement(questions[i], segments[i]), []).append(i)
+        for name, ids in groups.items():
+            counts = Counter(kind(questions[i], normalize_answer(by_id[i]["answer"])) for i in ids)
+            label = "" if name == "all" else f" [{name}]"
+            print(f"{eval_dir.name} {system}{label}: " + " / ".join(f"{k} {counts[k]}" for k in KINDS)
+                  + f" (of {sum(counts.values())})")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    argv = sys.argv[1:]
+    seg = None
+    if argv[:1] == ["--segments"] and len(argv) >= 2:
+        seg, argv = fact_segments(argv[1]), argv[2:]
+    if len(argv) < 2:
         sys.exit(__doc__)
-    for d in sys.argv[2:]:
-        report(Path(sys.argv[1]), Path(d))
+    for d in argv[1:]:
+        report(Path(argv[0]), Path(d), seg)

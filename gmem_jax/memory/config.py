@@ -31,6 +31,10 @@ class MemoryConfig:
       in what a slot stores (t_last the segment's last real token; the slot's write strength is unchanged), beta a
       learned scalar initialised at b, so when several tokens of one segment win the same slot the later ones
       dominate what it stores (a person's latest place, not the mean of all their places). 0: off.
+    write_key_window: keyed write only. w > 1: the address a token offers (its write key, per head) is a learned
+      mix of the keys of itself and the w - 1 tokens before it in the segment, k'_t = sum_j c_j k_(t-j), c = (1, 0,
+      ...) at init (per head), so a fact's object can be stored at an address made from its subject a few tokens
+      earlier instead of from its own features, which name the object more than whom it is about. 0 or 1: off.
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
@@ -103,6 +107,7 @@ class MemoryConfig:
     later_read_hidden: int = 0
     later_train_content: bool = False
     write_recency: float = 0.0
+    write_key_window: int = 0
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -142,6 +147,9 @@ class MemoryConfig:
         if self.write_recency < 0 or (self.write_recency and self.write_attention != "keyed"):
             raise GmemError(f"memory write_recency={self.write_recency} needs write_attention='keyed' and a value "
                             ">= 0 (the initial recency rate; 0 turns it off)")
+        if self.write_key_window < 0 or (self.write_key_window > 1 and self.write_attention != "keyed"):
+            raise GmemError(f"memory write_key_window={self.write_key_window} needs write_attention='keyed' and a "
+                            "value >= 0 (tokens whose keys a token's address mixes; 0 or 1 turns it off)")
         if self.num_slots < 1 or self.later_read_hidden < 0 or min(self.bptt_depth, self.loss_positions) < 0:
             raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions, later_read_hidden >= 0")
 

@@ -12,7 +12,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               write_attention="keyed": the same, but tokens are matched to fixed learned slot addresses K [S, M]
               instead of the slots' contents, each token's share is scaled by a learned strength sigmoid(u.x_t),
               w_s = won_s / max won (per head), and the read below uses those addresses too;
-              write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned)
+              write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned;
+              write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
@@ -80,6 +81,9 @@ class GMemory(nn.Module):
             self.write_strength = nn.Dense(1, dtype=dt)
             if c.write_recency:
                 self.recency = self.param("write_recency", nn.initializers.constant(c.write_recency), ())
+            if c.write_key_window > 1:  # c [w, heads]: key mix over this token and the w - 1 before it
+                self.key_mix = self.param("write_key_mix", lambda _, shape: jnp.zeros(shape).at[0].set(1.0),
+                                          (c.write_key_window, c.num_heads))
         n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
         bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
         self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),
@@ -150,6 +154,10 @@ class GMemory(nn.Module):
         else:
             q = self._split_heads(self.write_q(state.astype(self.cfg.dtype)))
         k, v = self._split_heads(self.write_k(x)), self._split_heads(self.write_v(x))  # [B, T, nh, M/nh]
+        if self.cfg.write_attention == "keyed" and self.cfg.write_key_window > 1:  # k'_t = sum_j c_j k_(t-j)
+            T, k = k.shape[1], k * (mask > 0)[:, :, None, None]  # what sits under padding never enters a key
+            shifted = [jnp.pad(k, ((0, 0), (j, 0), (0, 0), (0, 0)))[:, :T] for j in range(self.cfg.write_key_window)]
+            k = jnp.einsum("jbthd,jh->bthd", jnp.stack(shifted), self.key_mix.astype(jnp.float32))
         logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(q.shape[-1])
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:

@@ -46,14 +46,14 @@ def _facts(rng, batch, bind, world, moved=False):
             e_person[people[rows, asked]][:, None].astype(np.float32), right, wrong)
 
 
-def _train_and_score(write_attention, bind=0.3, steps=800, batch=32, moved=False, write_recency=0.0):
+def _train_and_score(write_attention, bind=0.3, steps=800, batch=32, moved=False, **memory_options):
     """(right, wrong city of interest; see _facts) on 500 held-out draws after training memory + readout from
     scratch."""
     g = np.random.default_rng(0)
     world = (g.normal(size=(PEOPLE, H)), g.normal(size=(CITIES, H)), g.normal(size=(H,)),
              np.linalg.qr(g.normal(size=(H, H)))[0])
     mod = GMemory(MemoryConfig(num_slots=32, mem_dim=32, num_heads=2, write_attention=write_attention,
-                               write_recency=write_recency), H)
+                               **memory_options), H)
     params = {"memory": mod.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, H)), jnp.ones((1, 6), bool))["params"],
               "readout": jnp.zeros((H, CITIES))}
 
@@ -104,3 +104,15 @@ def test_write_recency_answers_the_later_of_two_facts_about_a_person():
           f"+ write_recency=1: right {recent_right:.3f} wrong {recent_wrong:.3f}")
     assert plain_wrong >= 0.15 and plain_right <= 0.75, (plain_right, plain_wrong)
     assert recent_right >= 0.8 and recent_wrong <= plain_wrong / 2, (recent_right, recent_wrong)
+
+
+@pytest.mark.slow  # ~50 s on 2 cores
+def test_write_key_window_binds_a_city_token_that_does_not_carry_its_subject():
+    """bind = 0: a city token carries nothing of whom it is about, only the person token two places before it does.
+    A token's own address cannot bind it then; an address mixed from the keys of the tokens before it can."""
+    own_right, own_other = _train_and_score("keyed", bind=0.0)
+    mixed_right, mixed_other = _train_and_score("keyed", bind=0.0, write_key_window=3)
+    print(f"keyed, bind 0: right {own_right:.3f} other {own_other:.3f}; "
+          f"+ write_key_window=3: right {mixed_right:.3f} other {mixed_other:.3f}")
+    assert own_right <= 0.65, (own_right, own_other)
+    assert mixed_right >= 0.85 and mixed_other <= 0.1, (mixed_right, mixed_other)

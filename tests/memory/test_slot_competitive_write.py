@@ -16,6 +16,8 @@ def _setup(gate="update", write_attention="slots", **kw):
     cfg, _ = tiny_backbone("llama")
     mcfg = small_memory("final", gate=gate, write_attention=write_attention, **kw)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    if mcfg.write_key_window > 1:  # a key mix other than the identity it starts at, so the shifts are checked
+        mem = {**mem, "write_key_mix": jax.random.normal(jax.random.PRNGKey(4), mem["write_key_mix"].shape)}
     call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (2, mcfg.num_slots, mcfg.mem_dim))
@@ -41,7 +43,11 @@ def _numpy_write(mem, mcfg, state, x, mask):
         strength = np.zeros(S)
         for hd in range(nh):
             cols = slice(hd * d, (hd + 1) * d)
-            logits = q[:, cols] @ k[:, cols].T / np.sqrt(d)  # [S, T]
+            kh = k[:, cols] * mask[b][:, None]
+            if mcfg.write_key_window > 1:  # token t's key: sum_j c[j, head] * key of token t - j (none before 0)
+                kh = sum(p["write_key_mix"][j, hd] * np.concatenate([np.zeros((j, d)), kh[:len(kh) - j]])
+                         for j in range(mcfg.write_key_window))
+            logits = q[:, cols] @ kh.T / np.sqrt(d)  # [S, T]
             share = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)  # softmax over slots
             share = share * weight[None, :]
             won = share.sum(1)
@@ -55,9 +61,11 @@ def _numpy_write(mem, mcfg, state, x, mask):
     return out
 
 
-@pytest.mark.parametrize("write_attention,recency", [("slots", 0.0), ("keyed", 0.0), ("keyed", 2.5)])
-def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency):
-    mcfg, mem, call, h, state = _setup(write_attention=write_attention, write_recency=recency)
+@pytest.mark.parametrize("write_attention,recency,key_window",
+                         [("slots", 0.0, 0), ("keyed", 0.0, 0), ("keyed", 2.5, 0), ("keyed", 0.0, 3)])
+def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window):
+    mcfg, mem, call, h, state = _setup(write_attention=write_attention, write_recency=recency,
+                                       write_key_window=key_window)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, jnp.asarray(mask), method=GMemory.write)
     x = np.asarray(call(h, method=GMemory.encode), np.float64)
@@ -66,14 +74,20 @@ def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, r
     assert float(jnp.abs(new - state).max()) > 1e-2
 
 
-@pytest.mark.parametrize("write_attention,recency", [("slots", 0.0), ("keyed", 0.0), ("keyed", 2.5)])
-def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention, recency):
-    mcfg, mem, call, h, state = _setup(gate="gru", write_attention=write_attention, write_recency=recency)
+@pytest.mark.parametrize("write_attention,recency,key_window",
+                         [("slots", 0.0, 0), ("keyed", 0.0, 0), ("keyed", 2.5, 0), ("keyed", 0.0, 3)])
+def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention, recency, key_window):
+    mcfg, mem, call, h, state = _setup(gate="gru", write_attention=write_attention, write_recency=recency,
+                                       write_key_window=key_window)
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, mask, method=GMemory.write)
     # What sits under padding does not matter.
     h_pad = h.at[0, 3:].set(100.0)
     np.testing.assert_array_equal(np.asarray(call(state, h_pad, mask, method=GMemory.write)[0]), np.asarray(new))
+    front = jnp.array([[0, 0, 1, 1, 1]], bool)  # nor before the real tokens (a key window reaches back over it)
+    written = call(state[:1], h[:1], front, method=GMemory.write)[0]
+    np.testing.assert_array_equal(np.asarray(call(state[:1], h[:1].at[0, :2].set(100.0), front, method=GMemory.write)[0]),
+                                  np.asarray(written))
     # Each example's write depends on that example alone.
     for b in range(2):
         alone, _ = call(state[b:b + 1], h[b:b + 1], mask[b:b + 1], method=GMemory.write)
