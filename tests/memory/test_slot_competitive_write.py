@@ -86,8 +86,8 @@ def test_slot_competitive_write_ignores_padding_and_other_examples(write_attenti
     np.testing.assert_array_equal(np.asarray(call(state, h_pad, mask, method=GMemory.write)[0]), np.asarray(new))
     front = jnp.array([[0, 0, 1, 1, 1]], bool)  # nor before the real tokens (a key window reaches back over it)
     written = call(state[:1], h[:1], front, method=GMemory.write)[0]
-    np.testing.assert_array_equal(np.asarray(call(state[:1], h[:1].at[0, :2].set(100.0), front, method=GMemory.write)[0]),
-                                  np.asarray(written))
+    moved = call(state[:1], h[:1].at[0, :2].set(100.0), front, method=GMemory.write)[0]
+    np.testing.assert_array_equal(np.asarray(moved), np.asarray(written))
     # Each example's write depends on that example alone.
     for b in range(2):
         alone, _ = call(state[b:b + 1], h[b:b + 1], mask[b:b + 1], method=GMemory.write)
