@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from gmem_jax.tasks.base import SegmentedExample
 from gmem_jax.tasks.registry import get_task
 from gmem_jax.tasks.tokenizers import WordTokenizer, load_tokenizer
 from gmem_jax.training import sharding
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -224,6 +227,16 @@ def build_examples(config: ml_collections.ConfigDict, task, tokenizer, split: st
                              limit=limit)
     if not examples:
         raise GmemError(f"task {t.name!r} produced no {split} examples; check the data path and limits")
+    # A memory layout that does not hold the context drops its oldest segments (overflow="drop_oldest"): say so,
+    # since a long-context figure means little if the context it claims was cut (the prompt layout's window cut is
+    # by design and not reported).
+    cut = [ex.meta.get("dropped_tokens", 0) for ex in examples if ex.meta.get("layout") == "memory"]
+    if any(cut):
+        n = sum(1 for c in cut if c)
+        lost = sum(ex.meta.get("dropped_sentences", 0) for ex in examples if ex.meta.get("layout") == "memory")
+        log.warning("%s %s: %d of %d examples do not fit task.n_seg=%d segments of %d tokens; their oldest %.0f "
+                    "tokens on average (%d context sentences in all) are dropped; raise task.n_seg to keep them",
+                    t.name, split, n, len(cut), t.n_seg, t.seg_len, sum(cut) / n, lost)
     return examples
 
 
