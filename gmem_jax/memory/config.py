@@ -35,6 +35,8 @@ class MemoryConfig:
       mix of the keys of itself and the w - 1 tokens before it in the segment, k'_t = sum_j c_j k_(t-j), c = (1, 0,
       ...) at init (per head), so a fact's object can be stored at an address made from its subject a few tokens
       earlier instead of from its own features, which name the object more than whom it is about. 0 or 1: off.
+      At the SmolLM2 configs' learning rate (2e-4) c barely leaves its start; raise its rate with
+      train.lr_multipliers="write_key_mix=25" (docs/results.md, "A write with recency").
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
