@@ -230,10 +230,10 @@ def build_examples(config: ml_collections.ConfigDict, task, tokenizer, split: st
     # A memory layout that does not hold the context drops its oldest segments (overflow="drop_oldest"): say so,
     # since a long-context figure means little if the context it claims was cut (the prompt layout's window cut is
     # by design and not reported).
-    cut = [ex.meta.get("dropped_tokens", 0) for ex in examples if ex.meta.get("layout") == "memory"]
+    in_memory = [ex.meta for ex in examples if ex.meta.get("layout") == "memory"]
+    cut = [m.get("dropped_tokens", 0) for m in in_memory]
     if any(cut):
-        n = sum(1 for c in cut if c)
-        lost = sum(ex.meta.get("dropped_sentences", 0) for ex in examples if ex.meta.get("layout") == "memory")
+        n, lost = sum(1 for c in cut if c), sum(m.get("dropped_sentences", 0) for m in in_memory)
         log.warning("%s %s: %d of %d examples do not fit task.n_seg=%d segments of %d tokens; their oldest %.0f "
                     "tokens on average (%d context sentences in all) are dropped; raise task.n_seg to keep them",
                     t.name, split, n, len(cut), t.n_seg, t.seg_len, sum(cut) / n, lost)
