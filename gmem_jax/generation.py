@@ -18,7 +18,8 @@ answer's later tokens (memory.later_read_map).
 The feed (prefill) runs the layer scan over the stacked params. The decode loop, by default on XLA:CPU (for
 8+ new tokens), runs on per-layer copies of the layer weights and cache made once per call
 (`model.unstack_layers`): there the scan's dynamic index copies each layer's weights at every token, which
-made one-token steps ~1.7x slower.
+made one-token steps ~1.7x slower. Params whose layers are already per-layer (a caller that generates many
+times unstacks once) skip that copy: the feed and the decode then both run the layer loop.
 """
 from __future__ import annotations
 
@@ -103,8 +104,12 @@ def _feed(params, cfg, state: DecodeState, tokens, mask, hooks, hook_state, deco
 def _run(params, hook_state, state, tokens, mask, rng, temperature, top_p, stop_set, *, cfg, max_new_tokens,
          hooks, greedy, pad_id, per_layer):
     """Feed tokens [B, T] into the cache, then decode up to max_new_tokens (the first from the feed's logits).
-    per_layer: decode on per-layer copies of params['layers'] and the cache (see the module docstring)."""
+    per_layer: decode on per-layer copies of params['layers'] and the cache (see the module docstring).
+    params['layers'] given per-layer (a tuple): the feed and the decode both run on it as it is."""
     B = tokens.shape[0]
+    given_per_layer = isinstance(params["layers"], tuple)
+    if given_per_layer:  # the weights are already laid out for decoding: only the (small) cache is unstacked
+        state = state._replace(cache=unstack_layers(state.cache))
 
     def is_stop(t):  # [B] -> [B] bool
         return (t[:, None] == stop_set[None, :]).any(-1)
@@ -114,7 +119,7 @@ def _run(params, hook_state, state, tokens, mask, rng, temperature, top_p, stop_
     tok = sample_token(logits, sub, temperature, top_p, greedy=greedy)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     decode_params = params
-    if per_layer:  # one copy of the layer weights per call instead of one per decoded token
+    if per_layer and not given_per_layer:  # one copy of the layer weights per call instead of one per decoded token
         decode_params = dict(params, layers=unstack_layers(params["layers"]))
         state = state._replace(cache=unstack_layers(state.cache))
     init = (state._replace(last_token=tok), out, jnp.ones((B,), jnp.int32), is_stop(tok), rng, jnp.int32(1))
@@ -136,7 +141,7 @@ def _run(params, hook_state, state, tokens, mask, rng, temperature, top_p, stop_
         return state, out, lengths + active, done | (active & is_stop(tok)), rng, step + 1
 
     state, out, lengths, done, _, _ = jax.lax.while_loop(cond, step_fn, init)
-    if per_layer:  # DecodeState keeps the stacked [L, B, S, K, E] cache, for `extend`'s feed
+    if per_layer or given_per_layer:  # DecodeState keeps the stacked [L, B, S, K, E] cache, for `extend`'s feed
         state = state._replace(cache=stack_layers(state.cache))
     return GenerationResult(out, lengths, done, state)
 
@@ -215,6 +220,8 @@ def generate(
     per_layer_decode: decode on per-layer copies of the layer weights and cache, made once per call (holds a
     second copy of the layer weights meanwhile, and costs about 5 tokens' worth of time once); default: on the
     CPU backend when max_new_tokens >= PER_LAYER_MIN_NEW_TOKENS, where it is ~1.6x faster per token.
+    To pay the copy once rather than per call, pass params with params['layers'] = model.unstack_layers(
+    params['layers']) (and drop the stacked tree): prefill and decode then run on it and per_layer_decode is moot.
     """
     _check_block(cfg, prompt_tokens, prompt_mask, "prompt")
     B, P = np.shape(prompt_tokens)

@@ -124,16 +124,21 @@ def test_per_layer_layout_equals_the_layer_scan(llama, highest_precision):
         loop = forward(per_layer, tokens[:, 6:], cfg, cache=loop.cache, cache_index=6, **hook)
 
     prompts, new = random_prompts([4, 7], seed=10), [[5, 6], [7, 8]]
+    hook_kw = dict(hooks=lambda _state, _step: hook)  # splits the prefill's layer loop too
     runs = []
-    for on in (True, False):
-        out = generate(params, cfg, *left_pad(prompts), max_new_tokens=8, eos_ids=(), cache_len=24,
-                       per_layer_decode=on)
+    # per-layer decode copies made per call, the layer scan throughout, and params unstacked once by the caller
+    for p, on in ((params, True), (params, False), (per_layer, None)):
+        out = generate(p, cfg, *left_pad(prompts), max_new_tokens=8, eos_ids=(), cache_len=24, per_layer_decode=on,
+                       **hook_kw)
         tokens_out = np.asarray(out.tokens)
-        cont = extend(params, cfg, out.state, *left_pad(new), max_new_tokens=6, eos_ids=(), per_layer_decode=on)
+        cont = extend(p, cfg, out.state, *left_pad(new), max_new_tokens=6, eos_ids=(), per_layer_decode=on,
+                      **hook_kw)
+        assert cont.state.cache["k"].shape[0] == cfg.num_layers  # the state's cache is stacked in every layout
         runs.append((tokens_out, np.asarray(cont.tokens), cont.state.cache))
-    (tok_a, cont_a, cache_a), (tok_b, cont_b, cache_b) = runs
-    assert np.array_equal(tok_a, tok_b) and np.array_equal(cont_a, cont_b)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), cache_a, cache_b)
+    tok_a, cont_a, cache_a = runs[0]
+    for tok_b, cont_b, cache_b in runs[1:]:
+        assert np.array_equal(tok_a, tok_b) and np.array_equal(cont_a, cont_b)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), cache_a, cache_b)
 
 
 @pytest.mark.parametrize("kind", ["eos_ids", "stop_ids"])
