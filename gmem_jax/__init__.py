@@ -25,6 +25,7 @@ _EXPORTS = {
     "init_cache": "gmem_jax.backbones.model",
     "lm_logits": "gmem_jax.backbones.model",
     "count_params": "gmem_jax.backbones.model",
+    "unstack_layers": "gmem_jax.backbones.model",
     "load_backbone": "gmem_jax.backbones.loading",
     "load_tokenizer": "gmem_jax.tasks.tokenizers",
     "MemoryConfig": "gmem_jax.memory.config",
