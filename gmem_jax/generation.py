@@ -183,7 +183,9 @@ def _decode_call(params, cfg, state, tokens, mask, cache_index: int, max_positio
     if pad_id is None:
         eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
-    if per_layer_decode is None:  # measured on XLA:CPU only; elsewhere it would just hold a 2nd weight copy
+    if isinstance(params["layers"], tuple):  # already per-layer: the flag changes nothing, so keep one compile
+        per_layer_decode = False
+    elif per_layer_decode is None:  # measured on XLA:CPU only; elsewhere it would just hold a 2nd weight copy
         per_layer_decode = jax.default_backend() == "cpu" and max_new_tokens >= PER_LAYER_MIN_NEW_TOKENS
     return _run(params, hook_state, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
                 jax.random.key(0) if rng is None else rng, jnp.float32(max(temperature, 1e-6)),
