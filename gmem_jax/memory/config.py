@@ -31,8 +31,8 @@ class MemoryConfig:
       in what a slot stores (t_last the segment's last real token; the slot's write strength is unchanged), beta a
       learned scalar initialised at b, so when several tokens of one segment win the same slot the later ones
       dominate what it stores (a person's latest place, not the mean of all their places). 0: off. At lr 2e-4
-      beta stays near b (1.0 -> 1.013 / 1.035 in 1,500 bAbI steps, two seeds), so b is in effect a fixed choice unless its rate is raised
-      (train.lr_multipliers="write_recency=...").
+      beta stays near b (1.0 -> 1.013 / 1.035 in 1,500 bAbI steps, two seeds), so b is in effect a fixed choice
+      unless its rate is raised (train.lr_multipliers="write_recency=...").
     write_key_window: keyed write only. w > 1: the address a token offers (its write key, per head) is a learned
       mix of the keys of itself and the w - 1 tokens before it in the segment, k'_t = sum_j c_j k_(t-j), c = (1, 0,
       ...) at init (per head), so a fact's object can be stored at an address made from its subject a few tokens
