@@ -11,6 +11,8 @@ sequence for every new token (no KV cache), as that code's forward does.
 Differences from that code, chosen so both sides do the same work as gmem_jax: no dropout; the first segment
 reads the learned slot bank (gmem_jax does) instead of skipping the read; the importance MLP has the same shape
 as gmem_jax's (M -> M/4 -> 1); the backward runs once per document (through the memory across segments).
+With a bf16 backbone (`gpt2_torch(..., dtype=torch.bfloat16)`) the memory stays fp32, as in gmem_jax: hidden
+states are cast up before the memory and the fused states down before the frozen LM head.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from gmem_jax.backbones.loading import load_backbone
 from gmem_jax.memory.config import MemoryConfig
 
 
-def gpt2_torch(cfg: BackboneConfig, seed: int = 0) -> transformers.GPT2LMHeadModel:
-    """A random-weight transformers GPT-2 of cfg's shape, frozen, eval mode (no dropout)."""
+def gpt2_torch(cfg: BackboneConfig, seed: int = 0, dtype=torch.float32) -> transformers.GPT2LMHeadModel:
+    """A random-weight transformers GPT-2 of cfg's shape in `dtype`, frozen, eval mode (no dropout)."""
     if cfg.arch != "gpt2":
         raise ValueError("the PyTorch reference is GPT-2 only")
     torch.manual_seed(seed)
@@ -38,7 +40,7 @@ def gpt2_torch(cfg: BackboneConfig, seed: int = 0) -> transformers.GPT2LMHeadMod
                                  n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
                                  n_inner=cfg.intermediate_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                  bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_ids[0])
-    model = transformers.GPT2LMHeadModel(hf).eval()
+    model = transformers.GPT2LMHeadModel(hf).eval().to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -49,7 +51,7 @@ def same_weights_in_jax(model: transformers.GPT2LMHeadModel) -> tuple[BackboneCo
     loader, so both frameworks run the same function."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        return load_backbone(Path(tmp))
+        return load_backbone(Path(tmp), dtype=str(model.dtype).removeprefix("torch."))
 
 
 class TorchMemory(nn.Module):
@@ -92,12 +94,12 @@ def segment_forward(model, mem: TorchMemory, state, tokens, mask, *, update: boo
     augmented logits for every position. Returns (augmented logits [B, T, V], frozen logits, new state, s)."""
     with torch.no_grad():
         out = model(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
-        h = out.hidden_states[-1]
+        h = out.hidden_states[-1].float()  # the memory is fp32 whatever the backbone's dtype
     enhanced = mem.fuse(torch.cat([h, mem.retrieve(state, h)], -1))
     s = None
     if update:
         state, s = mem.update(state, h, None if mask is None else mask == 0)
-    return model.lm_head(enhanced), out.logits, state, s
+    return model.lm_head(enhanced.to(model.dtype)).float(), out.logits, state, s
 
 
 def make_train_step(model, mem: TorchMemory, mcfg: MemoryConfig, lr: float = 1e-4):

@@ -7,8 +7,10 @@ document), the FLOPs the step *needs* (model below) per second as a fraction of 
 actually got, which discounts other processes' load on a shared machine; the matmul FLOPs the step actually
 executes (counted in its jaxpr: rematerialisation, full-square attention and duplicated work included); and
 XLA's own `compiled.cost_analysis()` count, which counts each scan (while-loop) body once and so undercounts.
+`--dtype bfloat16` holds the frozen backbone in bf16 (its matmuls accumulate in fp32; the trainable memory stays
+fp32) and reports utilisation against both the fp32 and the bf16 matmul peak of the same run.
 
-    python -m bench.train_step [--quick] [--models gpt2-124m smollm2-135m] [--n-seg 2] [--repeats 3]
+    python -m bench.train_step [--quick] [--models gpt2-124m smollm2-135m] [--n-seg 2] [--repeats 3] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -141,6 +143,7 @@ def main():
     ap.add_argument("--slots", type=int, default=1024)
     ap.add_argument("--mem-dim", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen backbone dtype")
     args = ap.parse_args()
     B, N, T = args.batch, args.n_seg, args.seg_len
     mcfg = MemoryConfig(num_slots=args.slots, mem_dim=args.mem_dim, injection="final")
@@ -149,12 +152,14 @@ def main():
     peak_sizes = (256, 512) if args.quick else (1024, 2048, 4096)
 
     before = measure_peak_flops(peak_sizes, repeats=5)
+    peak_bf16 = measure_peak_flops(peak_sizes, repeats=5, dtype="bfloat16") if args.dtype == "bfloat16" else None
     results = []
     for name in args.models:
-        cfg = common.MODELS[name]()
+        cfg = common.MODELS[name]().replace(dtype=args.dtype, param_dtype=args.dtype)
         if args.quick:
             cfg = common.quick_shape(cfg)
-        print(f"[{name}] B={B} N={N} T={T} slots={mcfg.num_slots} mem_dim={mcfg.mem_dim} ...", flush=True)
+        print(f"[{name}] B={B} N={N} T={T} slots={mcfg.num_slots} mem_dim={mcfg.mem_dim} backbone {args.dtype} ...",
+              flush=True)
         results.append(bench_model(name, cfg, mcfg, B, N, T, args.repeats))
     after = measure_peak_flops(peak_sizes, repeats=5)
     peak_before, peak_after = before["peak_flops"], after["peak_flops"]
@@ -174,6 +179,9 @@ def main():
                      "executed TFLOP": r["executed_flops"] / 1e12,
                      "executed % peak": 100 * r["executed_flops_per_s"] / peak,
                      "XLA TFLOP": (r["xla_flops"] or 0) / 1e12, "compile s": r["compile_s"]})
+        if peak_bf16 is not None:
+            r["utilisation_needed_bf16_peak"] = r["needed_flops_per_s"] / peak_bf16["peak_flops"]
+            rows[-1]["% bf16 peak"] = 100 * r["utilisation_needed_bf16_peak"]
     print(f"\nfp32 matmul peak (best of before/after): {peak / 1e9:.1f} GFLOP/s "
           f"(before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})\n")
     common.print_table(rows)
@@ -184,8 +192,12 @@ def main():
     print("  executed = matmul FLOPs in the step's jaxpr (scan bodies x length, remat recomputation included);\n"
           "  XLA = compiled.cost_analysis()['flops'], which counts each while-loop (scan) body once.")
     print(f"fp32 matmul FLOPs per CPU-second: {peak_cpu / 1e9:.1f} G (the per-CPU-s utilisation divides by this)")
-    common.write_result("train_step", {"peak_flops": peak, "peak_before": peak_before, "peak_after": peak_after,
-                                       "peak_flops_per_cpu_s": peak_cpu,
+    if peak_bf16 is not None:
+        print(f"bf16 matmul peak (fp32 accumulation): {peak_bf16['peak_flops'] / 1e9:.1f} GFLOP/s")
+    name = "train_step" if args.dtype == "float32" else f"train_step_{args.dtype}"
+    common.write_result(name, {"peak_flops": peak, "peak_before": peak_before, "peak_after": peak_after,
+                               "peak_flops_per_cpu_s": peak_cpu, "backbone_dtype": args.dtype,
+                               "peak_bf16": peak_bf16,
                                        "memory_config": mcfg.to_dict(), "results": results}, args.quick)
 
 

@@ -13,8 +13,9 @@ in one run.
 
 The frozen GPT-2 weights are the same in both frameworks (the torch model saved as safetensors and loaded with
 gmem_jax's loader); the memory weights are each side's own random init (speed does not depend on them).
+`--dtype bfloat16` holds the frozen GPT-2 in bf16 on both sides (the memory stays fp32 on both).
 
-    python -m bench.vs_pytorch [--quick] [--n-seg 2] [--prompt-len 256] [--new-tokens 32]
+    python -m bench.vs_pytorch [--quick] [--n-seg 2] [--prompt-len 256] [--new-tokens 32] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def main():
     ap.add_argument("--tag", default="", help="suffix of the result file: bench/results/vs_pytorch_<tag>.json")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen backbone dtype")
     args = ap.parse_args()
     cfg = common.gpt2_124m()
     B, N, T, P, G = args.batch, args.n_seg, args.seg_len, args.prompt_len, args.new_tokens
@@ -115,11 +117,12 @@ def main():
         B, T, P, G = 2, 64, 32, 8
         mcfg = MemoryConfig(num_slots=64, mem_dim=64, num_heads=4, injection="final")
 
-    model = torch_ref.gpt2_torch(cfg)
+    model = torch_ref.gpt2_torch(cfg, dtype=getattr(torch, args.dtype))
     cfg, frozen = torch_ref.same_weights_in_jax(model)
-    print(f"GPT-2 shape: {cfg.num_layers} layers, d {cfg.hidden_size}, vocab {cfg.vocab_size}; "
+    print(f"GPT-2 shape: {cfg.num_layers} layers, d {cfg.hidden_size}, vocab {cfg.vocab_size}; backbone {args.dtype}; "
           f"slots {mcfg.num_slots}, mem_dim {mcfg.mem_dim}; torch threads {args.torch_threads}", flush=True)
-    out = {"memory_config": mcfg.to_dict(), "torch": torch.__version__, "torch_threads": args.torch_threads}
+    out = {"memory_config": mcfg.to_dict(), "torch": torch.__version__, "torch_threads": args.torch_threads,
+           "backbone_dtype": args.dtype}
     rows = []
 
     if not args.skip_train:

@@ -6,6 +6,8 @@ K key/value heads, G = H // K, E head dim.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,9 +52,58 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Two-operand `jnp.einsum` (explicit `->`), for the frozen backbone's matmuls.
+
+    float32 operands: plain `jnp.einsum`. bfloat16 operands: accumulated in float32 and rounded once to bf16, in
+    the forward and in both transposes of the backward (`_einsum_lowp`). That is what torch's bf16 matmul
+    computes, and on XLA:CPU it is the fast path: bf16 x bf16 -> f32 runs on oneDNN at several times the fp32
+    rate, while a bf16 -> bf16 dot, or one mixing an f32 cotangent with bf16 weights (JAX's own transpose
+    rule), runs at about the fp32 rate (docs/benchmarks.md section 8.6).
+    """
+    dtype = jnp.result_type(a, b)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return _einsum_lowp(spec, a.astype(dtype), b.astype(dtype))
+
+
+def _einsum_f32_acc(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_lowp(spec, a, b):
+    return _einsum_f32_acc(spec, a, b)
+
+
+def _einsum_lowp_fwd(spec, a, b):
+    return _einsum_f32_acc(spec, a, b), (a, b)
+
+
+def _einsum_lowp_bwd(spec, res, ct):
+    # "A,B->C": dA = einsum("C,B->A", ct, b), dB = einsum("A,C->B", a, ct). Exact when every index of each operand
+    # also appears in the other operand or the output, as in all the backbone's specs.
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    ct = ct.astype(a.dtype)  # a bf16 cotangent: the transposed dots stay on the bf16 path
+    return _einsum_f32_acc(f"{out},{sb}->{sa}", ct, b), _einsum_f32_acc(f"{sa},{out}->{sb}", a, ct)
+
+
+_einsum_lowp.defvjp(_einsum_lowp_fwd, _einsum_lowp_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense`'s contraction (last axis of lhs with the first of rhs, no batch axes) through `einsum`."""
+    del precision, preferred_element_type  # float32: default precision; bf16: float32 accumulation
+    if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or any(dimension_numbers[1]):
+        raise NotImplementedError(f"dot_general {dimension_numbers}: only nn.Dense's contraction is supported")
+    return einsum("...i,io->...o", lhs, rhs)
+
+
 def _dense(features, use_bias, cfg, name):
     return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+                    kernel_init=nn.initializers.normal(0.02), dot_general=dot_general, name=name)
 
 
 class Attention(nn.Module):
@@ -83,10 +134,10 @@ class Attention(nn.Module):
         q_index = cache_index + jnp.arange(T)  # sequence index of each new token
         allowed = (jnp.arange(S)[None, :] <= q_index[:, None])[None] & kv_mask[:, None, :].astype(bool)  # [B,T,S]
         q = q.reshape(B, T, K, H // K, E)
-        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(E)
+        scores = einsum("btkge,bske->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) / jnp.sqrt(E)
         scores = jnp.where(allowed[:, None, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.dtype)).reshape(B, T, H * E)
+        out = einsum("bkgts,bske->btkge", probs, v.astype(cfg.dtype)).reshape(B, T, H * E)
         return _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o")(out), cache
 
 

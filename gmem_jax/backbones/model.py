@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from gmem_jax.backbones.config import BackboneConfig
-from gmem_jax.backbones.layers import Block, Norm
+from gmem_jax.backbones.layers import Block, Norm, einsum
 from gmem_jax.training.sharding import constrain_batch
 
 Hook = Callable[[jax.Array], tuple[jax.Array, Any]]  # h [B, T, D] -> (h' [B, T, D], aux pytree)
@@ -94,9 +94,9 @@ def lm_logits(params: dict, hidden: jax.Array, cfg: BackboneConfig) -> jax.Array
     """hidden [..., D] -> logits [..., V] float32 (tied heads reuse the token embedding)."""
     if cfg.tie_word_embeddings:
         w = params["embed"]["embedding"].astype(cfg.dtype)
-        out = jnp.einsum("...d,vd->...v", hidden.astype(cfg.dtype), w)
+        out = einsum("...d,vd->...v", hidden.astype(cfg.dtype), w)
     else:
-        out = hidden.astype(cfg.dtype) @ params["lm_head"]["kernel"].astype(cfg.dtype)
+        out = einsum("...d,dv->...v", hidden.astype(cfg.dtype), params["lm_head"]["kernel"].astype(cfg.dtype))
     return constrain_batch(out.astype(jnp.float32))
 
 
