@@ -97,7 +97,8 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     """`nn.Dense`'s contraction (last axis of lhs with the first of rhs, no batch axes) through `einsum`."""
     del precision, preferred_element_type  # float32: default precision; bf16: float32 accumulation
     if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or any(dimension_numbers[1]):
-        raise NotImplementedError(f"dot_general {dimension_numbers}: only nn.Dense's contraction is supported")
+        raise ValueError(f"dot_general {dimension_numbers}: only nn.Dense's contraction (last lhs axis with the "
+                         "first rhs axis, no batch axes) is supported")
     return einsum("...i,io->...o", lhs, rhs)
 
 
