@@ -1,9 +1,10 @@
 """This machine's matmul peak with jnp: the denominator of every FLOP-utilisation figure.
 
-Large square matmuls, jitted, fp32 (default) or bf16 inputs accumulated in fp32 (`--dtype bfloat16`, what the
-backbone computes with bf16 weights: `gmem_jax.backbones.layers.dot_general`), best of N calls per size (on a shared machine the best call is the one least
-disturbed by other processes); the peak is the best over sizes. Importable: `measure_peak_flops()`, so another
-benchmark measures the peak in the same run (same load) as the step it divides.
+Large square matmuls, jitted, fp32 (default) or bf16 operands accumulated in fp32 (`--dtype bfloat16`, what the
+backbone computes with bf16 weights: `gmem_jax.backbones.layers.einsum`), best of N calls per size (on a shared
+machine the best call is the one least disturbed by other processes); the peak is the best over sizes.
+Importable: `measure_peak_flops()`, so another benchmark measures the peak in the same run (same load) as the
+step it divides.
 
     python -m bench.matmul_peak [--quick] [--dtype float32|bfloat16]
 """
