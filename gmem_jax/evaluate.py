@@ -9,7 +9,8 @@
         in_prompt   the frozen backbone with as much context as fits in its prompt (last segment)
       writes eval_results.json and results.md (a Markdown table) to OUT (default DIR). --reliance_only: only
       probe whether the memory is relied on (answer-token accuracy reading its own / another example's / the empty
-      memory) and write reliance.json. The eval config may
+      memory; per example kind on ZsRE, with locality as agreement with the frozen model) and write
+      reliance.json. The eval config may
       differ from the training one where the memory allows it, e.g. a longer context (more segments).
   hotpotqa PRED.json GOLD.json
       the official HotpotQA metrics of a prediction file (prints JSON)

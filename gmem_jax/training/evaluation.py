@@ -134,8 +134,17 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     """Does the trained model use what was written? Teacher-forced answer-token accuracy of the question segment
     reading (own) the memory written from its own context, (other) the memory written from the next example's
     context in the batch, (empty) the unwritten slot bank; and the fraction of answer-token predictions that
-    change from own to other / empty. A memory that is read but not relied on gives own == other."""
-    hits = {k: [] for k in ("own", "other", "empty")}
+    change from own to other / empty. A memory that is read but not relied on gives own == other.
+
+    When examples carry meta['kind'] (ZsRE: reliability, generalization, locality, portability) the accuracies
+    are also given per kind (`token_acc_own_locality`, ...), and for locality examples the agreement of each
+    state's predictions with the frozen backbone's argmax on the same question segment
+    (`locality_agreement_own`, ...; EasyEdit's locality, which `token_acc` on gold NQ answers is not): whether
+    what was written, or the trained injection itself, moves the answers to unrelated questions."""
+    states_names = ("own", "other", "empty")
+    hits = {k: [] for k in states_names}
+    agree = {k: [] for k in states_names}
+    kinds: list[np.ndarray] = []
     changed = {k: [] for k in ("other", "empty")}
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
@@ -151,14 +160,28 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
             preds[k], pos = np.asarray(p), np.asarray(pos)
         gold = np.take_along_axis(batch["labels"][:, -1], pos, 1)
         w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
+        kind = np.array([str(ex.meta.get("kind", "")) for ex in chunk])[:, None].repeat(w.shape[1], 1)
+        kinds.append(kind[w])
+        ref = None
+        if (kind == "locality").any():  # the unedited model on the same question segment, same positions
+            ref = np.take_along_axis(np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1],
+                                                              batch["token_mask"][:, -1], cfg)), pos, 1)
         for k, p in preds.items():
             hits[k].append((p == gold)[w])
+            agree[k].append((p == ref)[w] if ref is not None else np.zeros(int(w.sum()), bool))
         for k in changed:
             changed[k].append((preds[k] != preds["own"])[w])
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
     out = {f"token_acc_{k}": float(cat(v).mean()) for k, v in hits.items()}
     out.update({f"changed_vs_{k}": float(cat(v).mean()) for k, v in changed.items()})
     out["answer_tokens"] = int(cat(hits["own"]).size)
+    kind = cat(kinds)
+    for name in sorted(set(kind.tolist()) - {""}):
+        sel = kind == name
+        out.update({f"token_acc_{k}_{name}": float(cat(v)[sel].mean()) for k, v in hits.items()})
+        out[f"answer_tokens_{name}"] = int(sel.sum())
+        if name == "locality":
+            out.update({f"locality_agreement_{k}": float(cat(v)[sel].mean()) for k, v in agree.items()})
     return out
 
 
