@@ -46,6 +46,9 @@ class MemoryConfig:
     token_gate: final injection only: the fused update W[h; r] + b is split into W_h h + b + g W_r r, and each token
       scales what it read by its own gate g = sigmoid(v.[h; r] + c), so the memory can stay out of a position where
       what it reads does not matter (the EOS after an answer) without shrinking the map it uses where it does.
+    token_gate_scope: what the token gate scales. "read": the memory's half g W_r r only; "all": the whole update,
+      h' = h + g (W_h h + b + W_r r), so a token can shut the injection entirely and be answered exactly as by the
+      frozen model (EasyEdit locality: questions unrelated to what was written should not move).
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -99,6 +102,7 @@ class MemoryConfig:
     gate_bias: float = -1.0
     injection: str = "final"
     token_gate: bool = False
+    token_gate_scope: str = "read"
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -133,6 +137,10 @@ class MemoryConfig:
         if self.token_gate and self.injection != "final":
             raise GmemError("memory token_gate applies to injection='final' only (residual has its own gate); leave "
                             "token_gate=False")
+        if self.token_gate_scope not in ("read", "all"):
+            raise GmemError(f"memory token_gate_scope {self.token_gate_scope!r} unknown; choose 'read' or 'all'")
+        if self.token_gate_scope != "read" and not self.token_gate:
+            raise GmemError("memory token_gate_scope='all' needs token_gate=True; set both")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

@@ -20,6 +20,7 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
                        (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
+                        token_gate_scope="all": h' = h + sigmoid(v.[h; r] + c) (W_h h + b + W_r r);
                         later_read_map: the later answer targets add W_l sg(r) to what was read, W_l = 0 at init;
                         with later_read_hidden = k > 0 they add L(sg(alpha Mem)) instead, L an MLP M -> k -> H of
                         their own whose output layer is 0 at init)
@@ -304,7 +305,11 @@ class GMemory(nn.Module):
                 own = self.inject_later(source.astype(dt))
                 later = jnp.broadcast_to(False if later is None else later, h.shape[:2])
                 from_r = from_r + jnp.where(later[..., None], own, 0.0)
-            out = h.astype(jnp.float32) + (from_h + gate * from_r).astype(jnp.float32)
+            if self.cfg.token_gate_scope == "all":  # the token gate can shut the whole update (the frozen answer)
+                update = gate * (from_h + from_r)
+            else:
+                update = from_h + gate * from_r
+            out = h.astype(jnp.float32) + update.astype(jnp.float32)
         else:
             out = h.astype(jnp.float32) + self.inject_gate * r
         return out.astype(h.dtype), token_gate

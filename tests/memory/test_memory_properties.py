@@ -286,10 +286,12 @@ def test_later_train_content_trains_what_is_stored_but_not_where(own_decoder):
         mcfg.replace(later_read_map=True, later_read_hidden=0)
 
 
-def test_token_gate_scales_only_what_was_read():
-    """memory.token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, the identity at init; checked against
-    the formula in numpy."""
-    mcfg = small_memory("final", token_gate=True)
+@pytest.mark.parametrize("scope", ["read", "all"])
+def test_token_gate_scales_only_what_was_read(scope):
+    """memory.token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r (token_gate_scope="read") or
+    h' = h + sigmoid(v.[h; r] + c) (W_h h + b + W_r r) ("all"), the identity at init; checked against the formula
+    in numpy. A shut gate leaves W_h h + b in place with "read", and exactly h with "all"."""
+    mcfg = small_memory("final", token_gate=True, token_gate_scope=scope)
     H = 12
     module = GMemory(mcfg, H)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, H)), jnp.ones((1, 2), bool))["params"]
@@ -303,7 +305,17 @@ def test_token_gate_scales_only_what_was_read():
         p = {**params, "inject_fuse": {"kernel": wh, "bias": b}, "inject_read": {"kernel": wr},
              "inject_token_gate": {"kernel": v, "bias": np.array([c], np.float32)}}
         gate = 1.0 / (1.0 + np.exp(-(np.concatenate([h, r], -1) @ v + c)))
-        np.testing.assert_allclose(inject(p), h + h @ wh + b + gate * (r @ wr), rtol=1e-5, atol=1e-5)
+        if scope == "read":
+            expected = h + h @ wh + b + gate * (r @ wr)
+        else:
+            expected = h + gate * (h @ wh + b + r @ wr)
+        np.testing.assert_allclose(inject(p), expected, rtol=1e-5, atol=1e-5)
+        if scope == "all" and c < 0:
+            np.testing.assert_array_equal(inject(p), h)
+    with pytest.raises(GmemError, match="token_gate_scope='all' needs token_gate=True"):
+        mcfg.replace(token_gate=False, token_gate_scope="all")
+    with pytest.raises(GmemError, match="token_gate_scope 'both' unknown"):
+        mcfg.replace(token_gate_scope="both")
         _, reported = module.apply({"params": p}, h, r, method=GMemory._inject)  # the gate the metrics see
         np.testing.assert_allclose(np.asarray(reported), gate[..., 0], rtol=1e-5, atol=1e-7)
 
