@@ -139,7 +139,8 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     When examples carry meta['kind'] (ZsRE: reliability, generalization, locality, portability) the accuracies
     are also given per kind (`token_acc_own_locality`, ...), and for locality examples the agreement of each
     state's predictions with the frozen backbone's argmax on the same question segment
-    (`locality_agreement_own`, ...; EasyEdit's locality, which `token_acc` on gold NQ answers is not): whether
+    (`locality_agreement_own`, ...; EasyEdit's locality, which `token_acc` on gold NQ answers is not, but pooled
+    over answer tokens like every figure here, where EasyEdit averages per example first): whether
     what was written, or the trained injection itself, moves the answers to unrelated questions."""
     states_names = ("own", "other", "empty")
     hits = {k: [] for k in states_names}
