@@ -49,6 +49,11 @@ class MemoryConfig:
     token_gate_scope: what the token gate scales. "read": the memory's half g W_r r only; "all": the whole update,
       h' = h + g (W_h h + b + W_r r), so a token can shut the injection entirely and be answered exactly as by the
       frozen model (EasyEdit locality: questions unrelated to what was written should not move).
+    token_gate_match: the token gate also sees how well the token's read query matches the memory,
+      m = mean over heads of logsumexp(read logits) - log S (0 for uniform logits), g = sigmoid(v.[h; r; m] + c).
+      A gate linear in [h; r] cannot tell a read that found the token's subject from one that found an unrelated
+      edit (that needs a product of h and the memory); m is that product, so the gate can shut on questions the
+      written memory does not concern. Needs token_gate=True.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -103,6 +108,7 @@ class MemoryConfig:
     injection: str = "final"
     token_gate: bool = False
     token_gate_scope: str = "read"
+    token_gate_match: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -141,6 +147,8 @@ class MemoryConfig:
             raise GmemError(f"memory token_gate_scope {self.token_gate_scope!r} unknown; choose 'read' or 'all'")
         if self.token_gate_scope != "read" and not self.token_gate:
             raise GmemError("memory token_gate_scope='all' needs token_gate=True; set both")
+        if self.token_gate_match and not self.token_gate:
+            raise GmemError("memory token_gate_match needs token_gate=True; set both")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

@@ -21,6 +21,7 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
                        (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
                         token_gate_scope="all": h' = h + sigmoid(v.[h; r] + c) (W_h h + b + W_r r);
+                        token_gate_match: the gate's input also has m = mean_heads logsumexp(read logits) - log S;
                         later_read_map: the later answer targets add W_l sg(r) to what was read, W_l = 0 at init;
                         with later_read_hidden = k > 0 they add L(sg(alpha Mem)) instead, L an MLP M -> k -> H of
                         their own whose output layer is 0 at init)
@@ -35,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gmem_jax.errors import GmemError
 from gmem_jax.memory.config import MemoryConfig
 
 _EPS = 1e-6
@@ -216,9 +218,10 @@ class GMemory(nn.Module):
         return z * cand + (1.0 - z) * state, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def _read_weights(self, state: jax.Array, h: jax.Array) -> jax.Array:
-        """Read weights: state [B, S, M], h [B, T, H] -> [B, T, heads, S] (keyed, one softmax per head over that
-        head's part of the slots) or [B, T, S]."""
+    def _read_weights(self, state: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Read weights: state [B, S, M], h [B, T, H] -> ([B, T, heads, S] (keyed, one softmax per head over that
+        head's part of the slots) or [B, T, S]; the match m [B, T] = mean over heads of logsumexp(logits) - log S,
+        how strongly the token's query found something in memory, 0 when the logits are uniform)."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
@@ -227,7 +230,9 @@ class GMemory(nn.Module):
             logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
-        return jax.nn.softmax(logits, axis=-1)
+        lse = jax.nn.logsumexp(logits, axis=-1) - jnp.log(float(logits.shape[-1]))
+        match = lse.mean(-1) if logits.ndim == 4 else lse
+        return jax.nn.softmax(logits, axis=-1), match
 
     def _gather(self, weights: jax.Array, state: jax.Array) -> jax.Array:
         """alpha Mem: weights from `_read_weights`, state [B, S, M] -> [B, T, M] float32."""
@@ -237,14 +242,14 @@ class GMemory(nn.Module):
         return jnp.einsum("bts,bsm->btm", weights, state)
 
     def _retrieve(self, state: jax.Array, h: jax.Array):
-        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S])."""
-        weights = self._read_weights(state, h)
+        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S], match [B, T])."""
+        weights, match = self._read_weights(state, h)
         alpha = weights.mean(2) if weights.ndim == 4 else weights
-        return self._gather(weights, state), weights, alpha
+        return self._gather(weights, state), weights, alpha, match
 
     def read(self, state: jax.Array, h: jax.Array):
         """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
-        retrieved, _, alpha = self._retrieve(state, h)
+        retrieved, _, alpha, _ = self._retrieve(state, h)
         return self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32), alpha
 
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
@@ -253,7 +258,7 @@ class GMemory(nn.Module):
         token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate).
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented."""
-        retrieved, weights, alpha = self._retrieve(state, h)
+        retrieved, weights, alpha, match = self._retrieve(state, h)
         own_source = None
         if content_state is not None:  # content_state has state's values, so the same weights, held constant
             content = self._gather(jax.lax.stop_gradient(weights), content_state)
@@ -263,18 +268,19 @@ class GMemory(nn.Module):
                 retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
                 detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
-        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source)
+        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source, match)
         return h_out, alpha, gate
 
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
                later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
-               own_source: Optional[jax.Array] = None) -> jax.Array:
+               own_source: Optional[jax.Array] = None, match: Optional[jax.Array] = None) -> jax.Array:
         """`_inject` without the gate."""
-        return self._inject(h, r, detach, later, retrieved, own_source)[0]
+        return self._inject(h, r, detach, later, retrieved, own_source, match)[0]
 
     def _inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
                 later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
-                own_source: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[jax.Array]]:
+                own_source: Optional[jax.Array] = None,
+                match: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[jax.Array]]:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
         gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
@@ -282,7 +288,9 @@ class GMemory(nn.Module):
         W_l sg(r), so they train W_l on what was read without training the read (with later_read_hidden > 0:
         L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder; `own_source` [B, T, M],
         from `read_and_inject` with later_train_content, replaces sg(retrieved) there: equal values, but gradient to
-        what the memory stores). Returns (h', the token gate [B, T] stop-gradiented, or None without token_gate)."""
+        what the memory stores). `match` [B, T] (memory.token_gate_match): the read's match score from
+        `_read_weights`, a third gate input. Returns (h', the token gate [B, T] stop-gradiented, or None without
+        token_gate)."""
         token_gate = None
         if self.cfg.injection == "final":
             dt = self.cfg.dtype
@@ -290,7 +298,13 @@ class GMemory(nn.Module):
                 lambda x: jnp.where(detach[..., None], jax.lax.stop_gradient(x), x))
             if self.cfg.token_gate:  # each token decides how much of what the memory read it takes; the later
                 # targets train that decision too, but through the gate alone, not through what was read
-                gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate([h, const(r)], -1).astype(dt)))
+                features = [h, const(r)]
+                if self.cfg.token_gate_match:
+                    if match is None:
+                        raise GmemError("memory token_gate_match needs the read's match score: inject through "
+                                        "read_and_inject, or pass match=")
+                    features.append(const(match[..., None]))
+                gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate(features, -1).astype(dt)))
                 token_gate = jax.lax.stop_gradient(gate[..., 0]).astype(jnp.float32)
                 from_h, from_r = self.inject_fuse(h.astype(dt)), const(self.inject_read(r.astype(dt)))
             elif detach is not None:  # W[h; r] + b = (W[h; 0] + b) + (the rest)

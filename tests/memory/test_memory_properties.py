@@ -320,6 +320,46 @@ def test_token_gate_scales_only_what_was_read(scope):
         np.testing.assert_allclose(np.asarray(reported), gate[..., 0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("write_attention", ["tokens", "keyed"])
+def test_token_gate_match_sees_logsumexp_of_the_read_logits(write_attention):
+    """memory.token_gate_match: g = sigmoid(v.[h; r; m] + c) with m = mean over heads of logsumexp(read logits) - log S.
+    With v picking m alone (weight 1, c = 0) the gate read_and_inject reports is sigmoid(m), m recomputed in numpy
+    from the module's own encoder, read query, addresses and importance; and the output is h + g (W_h h + b + W_r r)."""
+    mcfg = small_memory("final", write_attention=write_attention, token_gate=True, token_gate_scope="all",
+                        token_gate_match=True)
+    H, S, nh = 12, mcfg.num_slots, mcfg.num_heads
+    module = GMemory(mcfg, H)
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, H)), jnp.ones((1, 2), bool))["params"]
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((2, 5, H)).astype(np.float32)
+    state = rng.standard_normal((2, S, mcfg.mem_dim)).astype(np.float32)
+    wh = rng.standard_normal((H, H)).astype(np.float32) * 0.3
+    v = np.zeros((2 * H + 1, 1), np.float32)
+    v[-1] = 1.0
+    p = {**params, "inject_fuse": {"kernel": wh, "bias": np.zeros(H, np.float32)},
+         "inject_token_gate": {"kernel": v, "bias": np.zeros(1, np.float32)}}
+    call = lambda *a, method: module.apply({"params": p}, *a, method=method)  # noqa: E731
+    out, _, gate = call(state, h, method=GMemory.read_and_inject)
+    x = np.asarray(call(h, method=GMemory.encode), np.float64)
+    bias = np.log(np.asarray(call(state, method=GMemory.importance), np.float64) + 1e-6)  # [B, S]
+    if write_attention == "keyed":  # per head: the read query against that head's part of the slot addresses
+        q = (x @ np.asarray(p["read_q"]["kernel"], np.float64) + np.asarray(p["read_q"]["bias"])).reshape(2, 5, nh, -1)
+        keys = np.asarray(p["slot_keys"], np.float64).reshape(S, nh, -1)
+        logits = np.einsum("bthd,shd->bths", q, keys) / np.sqrt(q.shape[-1]) + bias[:, None, None, :]
+    else:
+        logits = (np.einsum("btm,bsm->bts", x, state) / np.sqrt(mcfg.mem_dim) + bias[:, None, :])[:, :, None, :]
+    top = logits.max(-1, keepdims=True)
+    m = (np.log(np.exp(logits - top).sum(-1)) + top[..., 0] - np.log(S)).mean(-1)  # [B, T]
+    expected_gate = 1.0 / (1.0 + np.exp(-m))
+    np.testing.assert_allclose(np.asarray(gate), expected_gate, rtol=1e-4, atol=1e-6)
+    r_part = np.asarray(out) - h - expected_gate[..., None] * (h @ wh)  # W_r = 0 at init: nothing from the read
+    np.testing.assert_allclose(r_part, 0.0, atol=1e-4)
+    with pytest.raises(GmemError, match="token_gate_match needs the read's match score"):
+        call(h, h, method=GMemory.inject)
+    with pytest.raises(GmemError, match="token_gate_match needs token_gate=True"):
+        mcfg.replace(token_gate=False, token_gate_scope="read")
+
+
 def test_read_gate_metric_is_the_token_gate_at_the_answer_positions():
     """metrics["read_gate"]: the token gate averaged over the loss positions; with v = 0 the gate is sigmoid(c)
     at every token, so the metric must be exactly that; with a gate that varies by token, the mean at exactly the
