@@ -220,8 +220,9 @@ class GMemory(nn.Module):
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
     def _read_weights(self, state: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Read weights: state [B, S, M], h [B, T, H] -> ([B, T, heads, S] (keyed, one softmax per head over that
-        head's part of the slots) or [B, T, S]; the match m [B, T] = mean over heads of logsumexp(logits) - log S,
-        how strongly the token's query found something in memory, 0 when the logits are uniform)."""
+        head's part of the slots) or [B, T, S]; with memory.token_gate_match the match m [B, T] = mean over heads of
+        logsumexp(logits) - log S, how strongly the token's query found something in memory, 0 when the logits are
+        uniform; otherwise None)."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
@@ -230,8 +231,10 @@ class GMemory(nn.Module):
             logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
-        lse = jax.nn.logsumexp(logits, axis=-1) - jnp.log(float(logits.shape[-1]))
-        match = lse.mean(-1) if logits.ndim == 4 else lse
+        match = None  # only token_gate_match uses it: no extra reduction over the slots on the default path
+        if c.token_gate_match:
+            lse = jax.nn.logsumexp(logits, axis=-1) - jnp.log(float(logits.shape[-1]))
+            match = lse.mean(-1) if logits.ndim == 4 else lse
         return jax.nn.softmax(logits, axis=-1), match
 
     def _gather(self, weights: jax.Array, state: jax.Array) -> jax.Array:
