@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
         # the answer's first token alone: a diagnostic for one-token answers (later tokens and the EOS go untrained,
         # so generation of longer answers breaks); docs/results.md, "The EOS target"
         loss_targets=0,
+        # per-kind weights of the training targets, "KIND=W,..." over the examples' meta['kind'] (ZsRE:
+        # reliability, generalization, locality), e.g. "locality=4"; unnamed kinds keep weight 1
+        kind_loss_weights="",
     ))
     c.eval = ml_collections.ConfigDict(dict(
         enabled=True, batch_size=32, max_new_tokens=8,

@@ -21,6 +21,7 @@ from gmem_jax.tasks.base import SegmentedExample
 from gmem_jax.tasks.registry import get_task
 from gmem_jax.tasks.tokenizers import WordTokenizer, load_tokenizer
 from gmem_jax.training import sharding
+from gmem_jax.training.step import parse_name_factors
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,23 @@ def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: d
     if config.task.get("train_kwargs", {}).get("locality_targets") == "frozen_argmax":
         examples = frozen_argmax_labels(examples, frozen, cfg, select=lambda ex: ex.meta.get("kind") == "locality",
                                         batch_size=config.eval.batch_size)
-    return first_loss_targets(examples, config.get("train", {}).get("loss_targets", 0))
+    train = config.get("train", {})
+    examples = weight_kinds(examples, train.get("kind_loss_weights", ""))
+    return first_loss_targets(examples, train.get("loss_targets", 0))
+
+
+def weight_kinds(examples: list[SegmentedExample], spec: str) -> list[SegmentedExample]:
+    """train.kind_loss_weights "KIND=W,...": the loss_mask of every example whose meta['kind'] is KIND scaled by
+    W. The cross-entropy is sum(mask * nll) / sum(mask) over the batch, so W is a per-token weight and the others
+    keep weight 1 (e.g. 'locality=4' makes each ZsRE locality target count as four edit targets)."""
+    weights = parse_name_factors(spec, "train.kind_loss_weights", "locality=4")
+    kinds = {ex.meta.get("kind") for ex in examples}
+    unknown = sorted(set(weights) - kinds)
+    if unknown:
+        raise GmemError(f"train.kind_loss_weights names kinds {unknown} that no training example has; the "
+                        f"examples' kinds are {sorted(k for k in kinds if k is not None)}")
+    return [dataclasses.replace(ex, loss_mask=(ex.loss_mask * weights[ex.meta["kind"]]).astype(ex.loss_mask.dtype))
+            if ex.meta.get("kind") in weights else ex for ex in examples]
 
 
 def first_loss_targets(examples: list[SegmentedExample], n: int) -> list[SegmentedExample]:
@@ -244,7 +261,7 @@ def check_loss_positions(examples: list[SegmentedExample], mcfg: MemoryConfig, w
     """With loss_positions = K, a segment with more than K loss targets would silently drop some: refuse."""
     if not mcfg.loss_positions:
         return
-    worst = max(int(ex.loss_mask.sum(-1).max()) for ex in examples)
+    worst = max(int((ex.loss_mask > 0).sum(-1).max()) for ex in examples)
     if worst > mcfg.loss_positions:
         raise GmemError(f"{what}: a segment has {worst} answer tokens but memory.loss_positions="
                         f"{mcfg.loss_positions}; raise memory.loss_positions to >= {worst} (or 0 for all)")

@@ -30,8 +30,10 @@ def make_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int =
         end_value=learning_rate * end_lr_fraction)
 
 
-def parse_lr_multipliers(spec: str) -> dict[str, float]:
-    """'inject_fuse=0.1,decoder=0.5' -> {'inject_fuse': 0.1, 'decoder': 0.5} (train.lr_multipliers)."""
+def parse_name_factors(spec: str, option: str = "train.lr_multipliers", example: str = "inject_fuse=0.1"
+                       ) -> dict[str, float]:
+    """'inject_fuse=0.1,decoder=0.5' -> {'inject_fuse': 0.1, 'decoder': 0.5}: the "NAME=FACTOR,..." options
+    (train.lr_multipliers, train.kind_loss_weights); `option` and `example` word the error."""
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, sep, value = item.partition("=")
@@ -39,11 +41,11 @@ def parse_lr_multipliers(spec: str) -> dict[str, float]:
             factor = float(value)
         except ValueError:
             factor = -1.0
-        if not sep or not name.strip() or factor < 0:
-            raise GmemError(f"train.lr_multipliers: {item!r} is not NAME=FACTOR (FACTOR >= 0), e.g. "
-                            "'inject_fuse=0.1'")
+        if not sep or not name.strip() or not factor >= 0 or factor == float("inf"):
+            raise GmemError(f"{option}: {item!r} is not NAME=FACTOR (finite FACTOR >= 0), e.g. {example!r}")
         out[name.strip()] = factor
     return out
+
 
 
 # Parameters that are states or addresses, not maps: decaying them towards 0 would erase what they hold.

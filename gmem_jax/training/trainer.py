@@ -29,7 +29,7 @@ from gmem_jax.training.evaluation import compare_systems, predict
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import (init_train_state, make_eval_step, make_optimizer, make_schedule,
-                                   make_train_step, parse_lr_multipliers)
+                                   make_train_step, parse_name_factors)
 
 _ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label", "features",
                "write_features")
@@ -164,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def _lr_multipliers(spec: str, params: dict) -> dict[str, float]:
     """train.lr_multipliers parsed and checked against the memory's top-level parameter names."""
-    out = parse_lr_multipliers(spec)
+    out = parse_name_factors(spec)
     unknown = sorted(set(out) - set(params))
     if unknown:
         raise GmemError(f"train.lr_multipliers names {unknown}, which this memory does not have; its parameters "

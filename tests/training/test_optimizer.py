@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.training.step import make_optimizer, parse_lr_multipliers
+from gmem_jax.training.step import make_optimizer, parse_name_factors
 
 
 def _updates(lr_multipliers):
@@ -37,12 +37,12 @@ def test_lr_multipliers_scale_only_the_named_parameters():
     assert not np.array_equal(base_params["inject_fuse"]["kernel"], jnp.full((3, 2), 0.5))
 
 
-def test_parse_lr_multipliers():
-    assert parse_lr_multipliers("") == {}
-    assert parse_lr_multipliers("inject_fuse=0.1, decoder=2") == {"inject_fuse": 0.1, "decoder": 2.0}
-    for bad in ("inject_fuse", "inject_fuse=x", "=0.1", "a=-1"):
+def test_parse_name_factors():
+    assert parse_name_factors("") == {}
+    assert parse_name_factors("inject_fuse=0.1, decoder=2") == {"inject_fuse": 0.1, "decoder": 2.0}
+    for bad in ("inject_fuse", "inject_fuse=x", "=0.1", "a=-1", "a=nan", "a=inf"):
         with pytest.raises(GmemError, match="NAME=FACTOR"):
-            parse_lr_multipliers(bad)
+            parse_name_factors(bad)
 
 
 def test_weight_decay_spares_the_slot_bank_and_slot_addresses():
