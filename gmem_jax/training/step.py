@@ -47,7 +47,6 @@ def parse_name_factors(spec: str, option: str = "train.lr_multipliers", example:
     return out
 
 
-
 # Parameters that are states or addresses, not maps: decaying them towards 0 would erase what they hold.
 _NO_DECAY = ("slots", "slot_keys")
 
