@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
         # so generation of longer answers breaks); docs/results.md, "The EOS target"
         loss_targets=0,
         # per-kind weights of the training targets, "KIND=W,..." over the examples' meta['kind'] (ZsRE:
-        # reliability, generalization, locality), e.g. "locality=4"; unnamed kinds keep weight 1
+        # reliability, generalization, locality), e.g. "locality=4"; unnamed kinds keep weight 1 (the logged ce,
+        # accuracy and tokens are then weighted too)
         kind_loss_weights="",
     ))
     c.eval = ml_collections.ConfigDict(dict(

@@ -41,7 +41,7 @@ def parse_name_factors(spec: str, option: str = "train.lr_multipliers", example:
             factor = float(value)
         except ValueError:
             factor = -1.0
-        if not sep or not name.strip() or not factor >= 0 or factor == float("inf"):
+        if not sep or not name.strip() or not 0 <= factor < float("inf"):
             raise GmemError(f"{option}: {item!r} is not NAME=FACTOR (finite FACTOR >= 0), e.g. {example!r}")
         out[name.strip()] = factor
     return out
