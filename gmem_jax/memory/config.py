@@ -54,6 +54,13 @@ class MemoryConfig:
       A gate linear in [h; r] cannot tell a read that found the token's subject from one that found an unrelated
       edit (that needs a product of h and the memory); m is that product, so the gate can shut on questions the
       written memory does not concern. Needs token_gate=True.
+    inject_read_only: final injection, keyed write only. The injection adds only what was read, h' = h + W_r r
+      (no W_h h + b term, which moves every answer whatever the memory holds: EasyEdit locality 67% with any
+      memory, own, another record's or none, docs/results.md); the memory starts empty (zeros, no learned slot
+      bank) and the decoder has neither biases nor a LayerNorm (which would rescale a faint read to full size), so
+      D(0) = 0. A read that lands on unwritten slots thus injects exactly nothing, one that lands faintly on
+      written ones injects little, and the no-memory ablation is exactly the frozen model. With token_gate the
+      gate scales W_r r; later_read_map's W_l (or its MLP, bias-free too) adds to it.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -109,6 +116,7 @@ class MemoryConfig:
     token_gate: bool = False
     token_gate_scope: str = "read"
     token_gate_match: bool = False
+    inject_read_only: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -149,6 +157,9 @@ class MemoryConfig:
             raise GmemError("memory token_gate_scope='all' needs token_gate=True; set both")
         if self.token_gate_match and not self.token_gate:
             raise GmemError("memory token_gate_match needs token_gate=True; set both")
+        if self.inject_read_only and (self.injection != "final" or self.write_attention != "keyed"):
+            raise GmemError("memory inject_read_only needs injection='final' and write_attention='keyed' (the memory "
+                            "starts all zeros, so a write addressed by slot contents could not tell slots apart)")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

@@ -24,7 +24,9 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
                         token_gate_match: the gate's input also has m = mean_heads logsumexp(read logits) - log S;
                         later_read_map: the later answer targets add W_l sg(r) to what was read, W_l = 0 at init;
                         with later_read_hidden = k > 0 they add L(sg(alpha Mem)) instead, L an MLP M -> k -> H of
-                        their own whose output layer is 0 at init)
+                        their own whose output layer is 0 at init;
+                        inject_read_only: h' = h + W_r r, from an all-zero initial memory through a decoder with
+                        no biases or LayerNorm, so reading nothing written injects exactly nothing)
              residual: h' = h + g * r, g [H] = 0 at init
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
 """
@@ -49,13 +51,16 @@ class _MLPMap(nn.Module):
     out: int
     dtype: str = "float32"
     zero_out: bool = False  # output layer 0 at init: the map adds exactly nothing until trained
+    # no biases, no LayerNorm: f(0) = 0 exactly and a faint input gives a faint output (memory.inject_read_only)
+    zero_at_zero: bool = False
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="in")(x)
-        x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name="norm")(x), approximate=False)
+        bias = not self.zero_at_zero
+        x = nn.Dense(self.hidden, dtype=self.dtype, use_bias=bias, name="in")(x)
+        x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name="norm")(x) if bias else x, approximate=False)
         out_init = nn.initializers.zeros if self.zero_out else nn.linear.default_kernel_init
-        return nn.Dense(self.out, dtype=self.dtype, kernel_init=out_init, name="out")(x)
+        return nn.Dense(self.out, dtype=self.dtype, kernel_init=out_init, use_bias=bias, name="out")(x)
 
 
 class GMemory(nn.Module):
@@ -66,13 +71,14 @@ class GMemory(nn.Module):
 
     def setup(self):
         c, H, M, dt = self.cfg, self.hidden_size, self.cfg.mem_dim, self.cfg.dtype
-        self.slots = self.param("slots", nn.initializers.normal(1.0 / M**0.5), (c.num_slots, M))
+        if not c.inject_read_only:  # read-only injection: the memory starts empty (zeros), nothing to learn
+            self.slots = self.param("slots", nn.initializers.normal(1.0 / M**0.5), (c.num_slots, M))
         self.encoder = _MLPMap(2 * M, M, dt)
         if c.standardize_inputs:  # identity until with_input_statistics sets them from data
             self.input_stats = {side: (self.param(f"{side}_mean", nn.initializers.zeros, (H,)),
                                        self.param(f"{side}_inv_std", nn.initializers.ones, (H,)))
                                 for side in ("read", "write")}
-        self.decoder = _MLPMap(H, H, dt)
+        self.decoder = _MLPMap(H, H, dt, zero_at_zero=c.inject_read_only)
         if c.write_attention == "tokens":
             self.write_attn = nn.MultiHeadDotProductAttention(num_heads=c.num_heads, qkv_features=M, out_features=M,
                                                               dtype=dt)
@@ -97,12 +103,14 @@ class GMemory(nn.Module):
         if c.injection == "final":
             # W_inj [h; r] + b written as h + W[h; r] + b with W, b = 0 at init: the same function class as the
             # author's fusion, but the identity at init holds exactly at any matmul precision (bf16 TPU passes).
-            self.inject_fuse = nn.Dense(H, dtype=dt, kernel_init=nn.initializers.zeros)
-            if c.token_gate:  # W[h; r] split in two, so the gate can scale the memory's half W_r r alone
+            if not c.inject_read_only:
+                self.inject_fuse = nn.Dense(H, dtype=dt, kernel_init=nn.initializers.zeros)
+            if c.token_gate or c.inject_read_only:  # W[h; r] split in two: the memory's half W_r r on its own
                 self.inject_read = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
+            if c.token_gate:
                 self.inject_token_gate = nn.Dense(1, dtype=dt)
             if c.later_read_map and c.later_read_hidden:  # the later targets' own decoder of what was retrieved
-                self.inject_later = _MLPMap(c.later_read_hidden, H, dt, zero_out=True)
+                self.inject_later = _MLPMap(c.later_read_hidden, H, dt, zero_out=True, zero_at_zero=c.inject_read_only)
             elif c.later_read_map:  # the later targets' own linear map of the decoded read (W_l)
                 self.inject_later = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
         else:
@@ -114,7 +122,10 @@ class GMemory(nn.Module):
 
     # ---- state -------------------------------------------------------------------------------------------
     def initial_state(self, batch: int) -> jax.Array:
-        """The learned slot bank broadcast to [B, S, M]: every document starts from the same memory."""
+        """The learned slot bank broadcast to [B, S, M]: every document starts from the same memory (all zeros
+        with memory.inject_read_only)."""
+        if self.cfg.inject_read_only:
+            return jnp.zeros((batch, self.cfg.num_slots, self.cfg.mem_dim), jnp.float32)
         return jnp.broadcast_to(self.slots.astype(jnp.float32), (batch,) + self.slots.shape)
 
     def importance(self, state: jax.Array) -> jax.Array:
@@ -309,7 +320,10 @@ class GMemory(nn.Module):
                     features.append(const(match[..., None]))
                 gate = jax.nn.sigmoid(self.inject_token_gate(jnp.concatenate(features, -1).astype(dt)))
                 token_gate = jax.lax.stop_gradient(gate[..., 0]).astype(jnp.float32)
-                from_h, from_r = self.inject_fuse(h.astype(dt)), const(self.inject_read(r.astype(dt)))
+                from_h = 0.0 if self.cfg.inject_read_only else self.inject_fuse(h.astype(dt))
+                from_r = const(self.inject_read(r.astype(dt)))
+            elif self.cfg.inject_read_only:  # h' = h + W_r r: no term that moves a token whatever was read
+                gate, from_h, from_r = 1.0, 0.0, const(self.inject_read(r.astype(dt)))
             elif detach is not None:  # W[h; r] + b = (W[h; 0] + b) + (the rest)
                 gate = 1.0
                 from_h = self.inject_fuse(jnp.concatenate([h, jnp.zeros_like(r)], -1).astype(dt))

@@ -1,0 +1,84 @@
+"""memory.inject_read_only: h' = h + W_r r from an all-zero initial memory through a bias-free decoder, so a read
+that finds nothing written injects exactly nothing (the structural answer to ZsRE locality, docs/results.md)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmem_jax.backbones import forward
+from gmem_jax.errors import GmemError
+from gmem_jax.memory.config import MemoryConfig
+from gmem_jax.memory.model import forward_segments, init_memory, initial_state, memory_hooks, write_context
+from gmem_jax.memory.modules import GMemory
+
+from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone
+
+
+def _read_only(**kw):
+    return small_memory("final", write_attention="keyed", inject_read_only=True, **kw)
+
+
+def test_empty_memory_injects_exactly_nothing_and_a_written_one_does():
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _read_only()
+    mem = perturbed_memory(cfg, mcfg)  # W_r random: the injection is live
+    b = random_batch(cfg)
+    tokens = jnp.asarray(b["tokens"][:, 2])
+    logits = jax.jit(lambda m, s, fz, t: forward(fz, t, cfg, **memory_hooks(m, s, cfg, mcfg)).logits)
+    identity = {k: (lambda h: (h, None)) if k.endswith("hook") else v
+                for k, v in memory_hooks(mem, initial_state(mem, cfg, mcfg, 3), cfg, mcfg).items()}
+    plain = np.asarray(jax.jit(lambda fz, t: forward(fz, t, cfg, **identity).logits)(frozen, tokens))
+    empty = initial_state(mem, cfg, mcfg, 3)
+    assert not np.asarray(empty).any()
+    np.testing.assert_array_equal(np.asarray(logits(mem, empty, frozen, tokens)), plain)
+    written = jax.jit(write_context, static_argnums=(4, 5))(mem, frozen, b["tokens"][:, :2],
+                                                            b["token_mask"][:, :2], cfg, mcfg)
+    assert np.abs(np.asarray(logits(mem, written, frozen, tokens)) - plain).max() > 1e-2
+    # The no-memory ablation reads the empty memory at every segment: exactly the frozen model's losses.
+    f = jax.jit(lambda m, fz, bb, use: forward_segments(m, fz, bb, cfg, mcfg, use_memory=use).segment_nll,
+                static_argnums=3)
+    zero = jax.tree.map(jnp.zeros_like, mem)  # W_r = 0: the frozen model through the same program
+    np.testing.assert_array_equal(np.asarray(f(mem, frozen, b, False)), np.asarray(f(zero, frozen, b, True)))
+    assert not np.allclose(np.asarray(f(mem, frozen, b, True)), np.asarray(f(zero, frozen, b, True)))
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_faint_read_injects_little(read_only):
+    """Scaling what is stored by 1e-3 scales the read-only injection down with it; the default decoder's LayerNorm
+    rescales a faint read to full size (the failure this option exists to avoid)."""
+    cfg, _ = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", inject_read_only=read_only, token_gate=not read_only)
+    mem = perturbed_memory(cfg, mcfg)
+    if not read_only:  # compare the memory's own half W_r r alone (W_h h + b does not depend on the read)
+        mem = dict(mem, inject_fuse=jax.tree.map(jnp.zeros_like, mem["inject_fuse"]),
+                   inject_token_gate=dict(kernel=jnp.zeros_like(mem["inject_token_gate"]["kernel"]),
+                                          bias=jnp.full_like(mem["inject_token_gate"]["bias"], 30.0)))
+    h = jax.random.normal(jax.random.PRNGKey(3), (2, 5, cfg.hidden_size))
+    state = jax.random.normal(jax.random.PRNGKey(4), (2, mcfg.num_slots, mcfg.mem_dim))
+    module = GMemory(mcfg, cfg.hidden_size)
+    update = lambda s: module.apply({"params": mem}, s, h, method=GMemory.read_and_inject)[0] - h  # noqa: E731
+    ratio = float(jnp.linalg.norm(update(1e-3 * state)) / jnp.linalg.norm(update(state)))
+    if read_only:
+        assert 1e-4 < ratio < 1e-2  # measured 1.07e-3: linear in what is stored
+    else:
+        assert ratio > 0.1  # measured 0.35
+
+
+def test_param_tree_and_config_checks():
+    cfg, _ = tiny_backbone("llama")
+    mem = init_memory(jax.random.PRNGKey(0), cfg, _read_only())
+    assert "slots" not in mem and "inject_fuse" not in mem and "inject_read" in mem
+    assert set(mem["decoder"]) == {"in", "out"} and all(set(v) == {"kernel"} for v in mem["decoder"].values())
+    for bad in (dict(write_attention="slots"), dict(write_attention="keyed", injection="residual")):
+        with pytest.raises(GmemError, match="inject_read_only needs"):
+            MemoryConfig(inject_read_only=True, **bad)
+
+
+def test_the_read_map_gets_a_gradient_at_init():
+    """W_r = 0 at init, but r != 0 once something is written, so training can start."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _read_only()
+    mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    b = jax.tree.map(jnp.asarray, random_batch(cfg))
+    grads = jax.grad(lambda m: forward_segments(m, frozen, b, cfg, mcfg).loss)(mem)
+    assert float(jnp.abs(grads["inject_read"]["kernel"]).max()) > 1e-6
