@@ -1,6 +1,7 @@
 """Every task end to end on a few shared records: examples -> a tiny random model with memory -> predictions ->
 the task's full metric set (the numbers are meaningless; the pipeline and the metric names are the point)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -178,6 +179,15 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     assert first["answer_tokens"] == int(w.sum())
     same = [examples[0]] * 4  # every example wrote the same context: reading another's memory is reading its own
     assert memory_reliance(same, frozen, cfg, loud, mcfg, batch_size=4)["changed_vs_other"] == 0.0
+    assert 1.0 <= rel["read_slots_own"] <= mcfg.num_slots
+    # Oracle: no read query (encoder output 0) and the same importance for every slot (its output layer 0) make
+    # every read uniform over the bank, exp(entropy) = S.
+    flat = dict(loud, encoder=dict(loud["encoder"], out=jax.tree.map(jnp.zeros_like, loud["encoder"]["out"])),
+                importance_mlp=dict(loud["importance_mlp"], layers_2=dict(
+                    kernel=jnp.zeros_like(loud["importance_mlp"]["layers_2"]["kernel"]),
+                    bias=loud["importance_mlp"]["layers_2"]["bias"])))
+    assert memory_reliance(examples[:4], frozen, cfg, flat, mcfg, batch_size=4)["read_slots_own"] == pytest.approx(
+        mcfg.num_slots, rel=1e-4)
 
 
 def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(shared_data, gpt2_tok, model):
@@ -202,8 +212,8 @@ def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(share
     rel = memory_reliance(examples, frozen, cfg, loud, mcfg, batch_size=8)
     total = sum(rel[f"answer_tokens_{k}"] for k in kinds)
     assert total == rel["answer_tokens"]
-    assert rel["token_acc_own"] == pytest.approx(
-        sum(rel[f"token_acc_own_{k}"] * rel[f"answer_tokens_{k}"] for k in kinds) / total)
+    for name in ("token_acc_own", "read_slots_own"):
+        assert rel[name] == pytest.approx(sum(rel[f"{name}_{k}"] * rel[f"answer_tokens_{k}"] for k in kinds) / total)
 
     batch = {k: v for k, v in collate(examples).items() if k != "example_mask"}  # own = the eval pass
     preds, pos, _, _ = _memory_pass(loud, frozen, batch, cfg, mcfg, True)

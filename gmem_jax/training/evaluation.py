@@ -21,7 +21,7 @@ from gmem_jax.backbones import forward
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import (forward_segments, initial_state, later_in_generation, memory_hooks,
-                                   write_context)
+                                   write_context, write_source)
 from gmem_jax.tasks.base import SegmentedExample, collate
 from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
 from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
@@ -129,6 +129,15 @@ def _last_segment_predictions(mem_params, frozen, batch, state, cfg, mcfg):
     return out.predictions[:, -1], out.positions[:, -1]
 
 
+def _read_spread(mem_params, frozen, batch, state, cfg, mcfg, pos):
+    """How many slots the last segment's tokens at `pos` [B, K] read from, reading `state` [B, S, M]: exp of the
+    entropy of the head-averaged read weights, [B, K] (1: a single slot; S: uniform over the bank)."""
+    out = forward(frozen, batch["tokens"][:, -1], cfg, kv_mask=batch["token_mask"][:, -1], compute_logits=False,
+                  **memory_hooks(mem_params, state, cfg, mcfg))
+    alpha = jnp.take_along_axis(write_source(out, mcfg)[1], pos[..., None], axis=1)
+    return jnp.exp(-jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(alpha), 0.0), axis=-1))
+
+
 def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: BackboneConfig, mem_params: dict,
                     mcfg: MemoryConfig, *, batch_size: int = 8) -> dict[str, float]:
     """Does the trained model use what was written? Teacher-forced answer-token accuracy of the question segment
@@ -141,12 +150,15 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     state's predictions with the frozen backbone's argmax on the same question segment
     (`locality_agreement_own`, ...; EasyEdit's locality, which `token_acc` on gold NQ answers is not, but pooled
     over answer tokens like every figure here, where EasyEdit averages per example first): whether
-    what was written, or the trained injection itself, moves the answers to unrelated questions."""
+    what was written, or the trained injection itself, moves the answers to unrelated questions.
+    `read_slots_own` (and per kind): how many slots an answer position's read spreads over, reading its own
+    memory (`_read_spread`): a lookup of the question's subject reads a few, a diffuse read most of the bank."""
     states_names = ("own", "other", "empty")
     hits = {k: [] for k in states_names}
     agree = {k: [] for k in states_names}
     kinds: list[np.ndarray] = []
     changed = {k: [] for k in ("other", "empty")}
+    spread: list[np.ndarray] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         if len(chunk) < 2:  # "another example's memory" needs two examples in the batch
@@ -163,6 +175,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
         kind = np.array([str(ex.meta.get("kind", "")) for ex in chunk])[:, None].repeat(w.shape[1], 1)
         kinds.append(kind[w])
+        spread.append(np.asarray(_read_spread(mem_params, frozen, batch, state, cfg, mcfg, pos))[w])
         ref = None
         if (kind == "locality").any():  # the unedited model on the same question segment, same positions
             ref = np.take_along_axis(np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1],
@@ -176,11 +189,13 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     out = {f"token_acc_{k}": float(cat(v).mean()) for k, v in hits.items()}
     out.update({f"changed_vs_{k}": float(cat(v).mean()) for k, v in changed.items()})
     out["answer_tokens"] = int(cat(hits["own"]).size)
+    out["read_slots_own"] = float(cat(spread).mean())
     kind = cat(kinds)
     for name in sorted(set(kind.tolist()) - {""}):
         sel = kind == name
         out.update({f"token_acc_{k}_{name}": float(cat(v)[sel].mean()) for k, v in hits.items()})
         out[f"answer_tokens_{name}"] = int(sel.sum())
+        out[f"read_slots_own_{name}"] = float(cat(spread)[sel].mean())
         if name == "locality":
             out.update({f"locality_agreement_{k}": float(cat(v)[sel].mean()) for k, v in agree.items()})
     return out
