@@ -60,7 +60,9 @@ class MemoryConfig:
       bank) and the decoder has neither biases nor a LayerNorm (which would rescale a faint read to full size), so
       D(0) = 0. A read that lands on unwritten slots thus injects exactly nothing, one that lands faintly on
       written ones injects little, and the no-memory ablation is exactly the frozen model. With token_gate the
-      gate scales W_r r; later_read_map's W_l (or its MLP, bias-free too) adds to it.
+      gate scales W_r r; later_read_map's W_l (or its MLP, bias-free too) adds to it. Measured on ZsRE (SmolLM2,
+      keyed write, 900 steps): locality 74.8% (67.8% without it) but 0.6% of edits answered (8.9%): the read stays
+      diffuse at that budget, so what it injects is the same whatever record was written (docs/results.md).
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
