@@ -40,6 +40,7 @@ class SegmentOutputs(NamedTuple):
     segment_nll: jax.Array  # [B, N] summed NLL of each segment's loss positions
     predictions: jax.Array  # [B, N, K] argmax token at each loss position (K = T or loss_positions)
     positions: jax.Array  # [B, N, K] which position of each segment the predictions belong to
+    read_spread: jax.Array  # [B, N, K] exp(entropy) of the head-averaged read weights there: slots a read spans
     sp_logits: Optional[jax.Array]  # [B, N, max_sents] supporting-fact logits (sp_head only)
     slot_usage: jax.Array  # [S] mean read weight per slot
     gate_mean: jax.Array  # [S] mean update-gate openness per slot
@@ -101,6 +102,11 @@ def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.
     weights [B, T, S], the token gate [B, T] or None)."""
     h_read, alpha, gate = out.final_aux if mcfg.injection == "final" else out.layer_aux
     return (out.layer_aux if mcfg.write_layer >= 0 else h_read), alpha, gate
+
+
+def _spread(alpha: jax.Array) -> jax.Array:
+    """exp(entropy) over the last axis: read weights [..., S] -> how many slots they span [...] (1 to S)."""
+    return jnp.exp(-jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(alpha), 0.0), axis=-1))
 
 
 def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
@@ -194,8 +200,9 @@ def forward_segments(
             hidden, (h_ext, alpha, read_gate) = hooks["final_hook"](feat["read"])
             h_ext = feat["write"] if mcfg.write_layer >= 0 else h_ext
         pos = _loss_positions(lmask, K)  # [B, K]
-        take = lambda x: jnp.take_along_axis(x, pos, axis=1)
-        h_sel = jnp.take_along_axis(hidden, pos[..., None], axis=1)
+        take = lambda x: jnp.take_along_axis(x, pos, axis=1)  # noqa: E731  [B, T] -> [B, K]
+        take_rows = lambda x: jnp.take_along_axis(x, pos[..., None], axis=1)  # noqa: E731  [B, T, D] -> [B, K, D]
+        h_sel = take_rows(hidden)
         # Context segments usually have no loss at all: skip the LM head ([B, K, V] logits, the largest matmul
         # after the backbone) for them instead of computing logits nobody reads.
         nll, pred = jax.lax.cond(
@@ -219,7 +226,7 @@ def forward_segments(
         s = _call(mem_params, cfg, mcfg, GMemory.importance, new_state)
         ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
-                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)))
+                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=_spread(take_rows(alpha)))
         if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
         if sp:
@@ -261,7 +268,7 @@ def forward_segments(
         loss=loss, metrics=metrics, state=final_state,
         per_example=dict(nll_sum=nll, tokens=ntok, correct=correct),
         segment_nll=jnp.swapaxes(ys["nll"], 0, 1), predictions=jnp.swapaxes(ys["pred"], 0, 1),
-        positions=jnp.swapaxes(ys["pos"], 0, 1),
+        positions=jnp.swapaxes(ys["pos"], 0, 1), read_spread=jnp.swapaxes(ys["spread"], 0, 1),
         sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
     )
 

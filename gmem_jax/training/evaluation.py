@@ -21,7 +21,7 @@ from gmem_jax.backbones import forward
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import (forward_segments, initial_state, later_in_generation, memory_hooks,
-                                   write_context, write_source)
+                                   write_context)
 from gmem_jax.tasks.base import SegmentedExample, collate
 from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
 from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
@@ -122,20 +122,11 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _last_segment_predictions(mem_params, frozen, batch, state, cfg, mcfg):
-    """Teacher-forced predictions and their positions, [B, K] each, of the last segment reading `state`
-    [B, S, M]."""
+    """Teacher-forced predictions, their positions and the slots each position's read spans, [B, K] each, of the
+    last segment reading `state` [B, S, M]."""
     last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in batch.items()}
     out = forward_segments(mem_params, frozen, last, cfg, mcfg, state=state)
-    return out.predictions[:, -1], out.positions[:, -1]
-
-
-def _read_spread(mem_params, frozen, batch, state, cfg, mcfg, pos):
-    """How many slots the last segment's tokens at `pos` [B, K] read from, reading `state` [B, S, M]: exp of the
-    entropy of the head-averaged read weights, [B, K] (1: a single slot; S: uniform over the bank)."""
-    out = forward(frozen, batch["tokens"][:, -1], cfg, kv_mask=batch["token_mask"][:, -1], compute_logits=False,
-                  **memory_hooks(mem_params, state, cfg, mcfg))
-    alpha = jnp.take_along_axis(write_source(out, mcfg)[1], pos[..., None], axis=1)
-    return jnp.exp(-jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(alpha), 0.0), axis=-1))
+    return out.predictions[:, -1], out.positions[:, -1], out.read_spread[:, -1]
 
 
 def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: BackboneConfig, mem_params: dict,
@@ -152,7 +143,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     over answer tokens like every figure here, where EasyEdit averages per example first): whether
     what was written, or the trained injection itself, moves the answers to unrelated questions.
     `read_slots_own` (and per kind): how many slots an answer position's read spreads over, reading its own
-    memory (`_read_spread`): a lookup of the question's subject reads a few, a diffuse read most of the bank."""
+    memory (SegmentOutputs.read_spread): a lookup of the question's subject reads a few, a diffuse read most of the bank."""
     states_names = ("own", "other", "empty")
     hits = {k: [] for k in states_names}
     agree = {k: [] for k in states_names}
@@ -167,15 +158,15 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         state = write_context(mem_params, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
         states = {"own": state, "other": jnp.roll(state, 1, axis=0),
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
-        preds = {}
+        preds, spreads = {}, {}
         for k, s in states.items():  # the positions depend only on the loss mask: the same for every state
-            p, pos = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
-            preds[k], pos = np.asarray(p), np.asarray(pos)
+            p, pos, sp = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
+            preds[k], pos, spreads[k] = np.asarray(p), np.asarray(pos), np.asarray(sp)
         gold = np.take_along_axis(batch["labels"][:, -1], pos, 1)
         w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
         kind = np.array([str(ex.meta.get("kind", "")) for ex in chunk])[:, None].repeat(w.shape[1], 1)
         kinds.append(kind[w])
-        spread.append(np.asarray(_read_spread(mem_params, frozen, batch, state, cfg, mcfg, pos))[w])
+        spread.append(spreads["own"][w])
         ref = None
         if (kind == "locality").any():  # the unedited model on the same question segment, same positions
             ref = np.take_along_axis(np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1],
