@@ -190,6 +190,19 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
                     bias=loud["importance_mlp"]["layers_2"]["bias"])))
     assert memory_reliance(examples[:4], frozen, cfg, flat, mcfg, batch_size=4)["read_slots_own"] == pytest.approx(
         mcfg.num_slots, rel=1e-4)
+    # A write whose update gate is shut changes no slot: it spans 0 slots; an open one some of the bank.
+    shut = dict(loud, gate=dict(kernel=jnp.zeros_like(loud["gate"]["kernel"]),
+                                bias=jnp.full_like(loud["gate"]["bias"], -1e9)))
+    assert memory_reliance(examples[:4], frozen, cfg, shut, mcfg, batch_size=4)["write_slots_own"] == 0.0
+    assert 1.0 <= first["write_slots_own"] <= mcfg.num_slots
+
+
+def test_slot_spread_counts_equally_weighted_slots():
+    """exp(entropy): k equal weights span exactly k slots, one weight 1 slot, a 0.5/0.25/0.25 split 2^1.5."""
+    from gmem_jax.memory.model import slot_spread
+
+    w = jnp.array([[0.25, 0.25, 0.25, 0.25, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(slot_spread(w)), [4.0, 1.0, 2 ** 1.5], rtol=1e-6)
 
 
 def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(shared_data, gpt2_tok, model):

@@ -104,9 +104,10 @@ def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.
     return (out.layer_aux if mcfg.write_layer >= 0 else h_read), alpha, gate
 
 
-def _spread(alpha: jax.Array) -> jax.Array:
-    """exp(entropy) over the last axis: read weights [..., S] -> how many slots they span [...] (1 to S)."""
-    return jnp.exp(-jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(alpha), 0.0), axis=-1))
+def slot_spread(alpha: jax.Array) -> jax.Array:
+    """exp(entropy) over the last axis: weights [..., S] summing to 1 (read weights, a write's normalised per-slot
+    change) -> how many slots they span [...] (1 to S; k equal weights span exactly k)."""
+    return jnp.exp(-jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(jnp.where(alpha > 0, alpha, 1.0)), 0.0), axis=-1))
 
 
 def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
@@ -226,7 +227,7 @@ def forward_segments(
         s = _call(mem_params, cfg, mcfg, GMemory.importance, new_state)
         ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
-                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=_spread(take_rows(alpha)))
+                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=slot_spread(take_rows(alpha)))
         if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
         if sp:

@@ -21,7 +21,7 @@ from gmem_jax.backbones import forward
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import (forward_segments, initial_state, later_in_generation, memory_hooks,
-                                   write_context)
+                                   slot_spread, write_context)
 from gmem_jax.tasks.base import SegmentedExample, collate
 from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
 from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
@@ -143,13 +143,17 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     over answer tokens like every figure here, where EasyEdit averages per example first): whether
     what was written, or the trained injection itself, moves the answers to unrelated questions.
     `read_slots_own` (and per kind): how many slots an answer position's read spreads over, reading its own
-    memory (SegmentOutputs.read_spread): a lookup of the question's subject reads a few, a diffuse read most of the bank."""
+    memory (SegmentOutputs.read_spread): a lookup of the question's subject reads a few, a diffuse read most of the bank.
+    `write_slots_own`: how many slots an example's context changed, the same exp(entropy) over each slot's share of
+    the total change |written - empty| (L2 per slot; 0 for a context that changed nothing): a write that stores the
+    context in a few slots against one that smears it over the whole bank, where any read address finds it."""
     states_names = ("own", "other", "empty")
     hits = {k: [] for k in states_names}
     agree = {k: [] for k in states_names}
     kinds: list[np.ndarray] = []
     changed = {k: [] for k in ("other", "empty")}
     spread: list[np.ndarray] = []
+    written: list[np.ndarray] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         if len(chunk) < 2:  # "another example's memory" needs two examples in the batch
@@ -158,6 +162,9 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         state = write_context(mem_params, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
         states = {"own": state, "other": jnp.roll(state, 1, axis=0),
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
+        change = jnp.linalg.norm(state - states["empty"], axis=-1)  # [B, S]
+        total = change.sum(-1, keepdims=True)
+        written.append(np.where(total[:, 0] > 0, np.asarray(slot_spread(change / jnp.maximum(total, 1e-30))), 0.0))
         preds, spreads = {}, {}
         for k, s in states.items():  # the positions depend only on the loss mask: the same for every state
             p, pos, sp = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
@@ -181,6 +188,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     out.update({f"changed_vs_{k}": float(cat(v).mean()) for k, v in changed.items()})
     out["answer_tokens"] = int(cat(hits["own"]).size)
     out["read_slots_own"] = float(cat(spread).mean())
+    out["write_slots_own"] = float(cat(written).mean())
     kind = cat(kinds)
     for name in sorted(set(kind.tolist()) - {""}):
         sel = kind == name
