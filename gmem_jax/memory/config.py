@@ -39,6 +39,11 @@ class MemoryConfig:
       earlier instead of from its own features, which name the object more than whom it is about. 0 or 1: off.
       At the SmolLM2 configs' learning rate (2e-4) c barely leaves its start; raise its rate with
       train.lr_multipliers="write_key_mix=25" (docs/results.md, "A write with recency").
+    write_top_k: keyed write only. k > 0: per head, only the k slots that won the most of a segment's write weight
+      are written (the others' write strength is 0), so a segment changes at most k x num_heads slots. Without it
+      the relative strength (won / the head's most-won) writes nearly every slot at full strength whenever the
+      addresses are flat, which a trained ZsRE write was (its change spread over 820 of 1,024 slots): every read
+      then finds the same smeared content, whatever it asks. 0: off.
     gate_bias: initial bias of the update gate; negative keeps most of the old memory at first (sigmoid(-1)=0.27).
     injection: "final" fuses [h; r] -> h with an identity-initialised linear map after the final norm, before the
       LM head (the author's place); "residual" adds g * D(r) to the residual stream entering block `read_layer`
@@ -132,6 +137,7 @@ class MemoryConfig:
     later_train_content: bool = False
     write_recency: float = 0.0
     write_key_window: int = 0
+    write_top_k: int = 0
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -183,6 +189,9 @@ class MemoryConfig:
         if self.write_key_window < 0 or (self.write_key_window > 1 and self.write_attention != "keyed"):
             raise GmemError(f"memory write_key_window={self.write_key_window} needs write_attention='keyed' and a "
                             "value >= 0 (tokens whose keys a token's address mixes; 0 or 1 turns it off)")
+        if self.write_top_k < 0 or (self.write_top_k and self.write_attention != "keyed"):
+            raise GmemError(f"memory write_top_k={self.write_top_k} needs write_attention='keyed' and a value >= 0 "
+                            "(slots written per head and segment; 0 turns it off)")
         if self.num_slots < 1 or self.later_read_hidden < 0 or min(self.bptt_depth, self.loss_positions) < 0:
             raise GmemError("memory num_slots must be >= 1 and bptt_depth, loss_positions, later_read_hidden >= 0")
 

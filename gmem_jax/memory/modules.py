@@ -189,6 +189,9 @@ class GMemory(nn.Module):
         a = jnp.einsum("bhst,bthd->bshd", content_share / (content_won[..., None] + _EPS), v).reshape(B, S, M)
         if self.cfg.write_attention == "keyed":  # relative: the most-written slot of a head gets the full gate
             strength = won / (won.max(-1, keepdims=True) + _EPS)
+            if self.cfg.write_top_k:  # only each head's k most-won slots; ties at the k-th value are all kept
+                kth = jax.lax.top_k(jax.lax.stop_gradient(won), min(self.cfg.write_top_k, S))[0][..., -1:]
+                strength = jnp.where(won >= kth, strength, 0.0)
         else:
             strength = jnp.minimum(won, 1.0)
         return self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32), strength.mean(1)

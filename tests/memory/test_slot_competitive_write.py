@@ -51,9 +51,10 @@ def _numpy_write(mem, mcfg, state, x, mask):
             share = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)  # softmax over slots
             share = share * weight[None, :]
             won = share.sum(1)
+            top = won >= np.sort(won)[-mcfg.write_top_k] if mcfg.write_top_k else np.ones(S, bool)
             for s in range(S):
                 a[s, cols] = (share[s] * recency) @ v[:, cols] / ((share[s] * recency).sum() + 1e-6)
-            strength += (won / (won.max() + 1e-6) if keyed else np.minimum(won, 1.0)) / nh
+            strength += (top * won / (won.max() + 1e-6) if keyed else np.minimum(won, 1.0)) / nh
         a = lin("write_o", a)
         z = 1 / (1 + np.exp(-lin("gate", np.concatenate([state[b], a], -1))))
         z = z * strength[:, None] * mask[b].any()
@@ -61,17 +62,34 @@ def _numpy_write(mem, mcfg, state, x, mask):
     return out
 
 
-@pytest.mark.parametrize("write_attention,recency,key_window",
-                         [("slots", 0.0, 0), ("keyed", 0.0, 0), ("keyed", 2.5, 0), ("keyed", 0.0, 3)])
-def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window):
+@pytest.mark.parametrize("write_attention,recency,key_window,top_k",
+                         [("slots", 0.0, 0, 0), ("keyed", 0.0, 0, 0), ("keyed", 2.5, 0, 0), ("keyed", 0.0, 3, 0),
+                          ("keyed", 0.0, 0, 2)])
+def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window, top_k):
     mcfg, mem, call, h, state = _setup(write_attention=write_attention, write_recency=recency,
-                                       write_key_window=key_window)
+                                       write_key_window=key_window, write_top_k=top_k)
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, jnp.asarray(mask), method=GMemory.write)
     x = np.asarray(call(h, method=GMemory.encode), np.float64)
     np.testing.assert_allclose(np.asarray(new), _numpy_write(mem, mcfg, np.asarray(state, np.float64), x, mask),
                                rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(new - state).max()) > 1e-2
+
+
+def test_write_top_k_changes_at_most_k_slots_per_head():
+    """write_top_k=1: each head writes only its most-won slot, so an example changes at most num_heads slots (the
+    bank has more); without it, every slot changes; and k must come with the keyed write."""
+    mcfg, mem, call, h, state = _setup(write_attention="keyed", write_top_k=1)
+    assert mcfg.num_slots > mcfg.num_heads
+    mask = jnp.ones(h.shape[:2], bool)
+    new, _ = call(state, h, mask, method=GMemory.write)
+    changed = np.asarray(jnp.any(new != state, axis=-1)).sum(-1)
+    assert (changed >= 1).all() and (changed <= mcfg.num_heads).all(), changed
+    mcfg0, _, call0, _, _ = _setup(write_attention="keyed")
+    assert (np.asarray(jnp.any(call0(state, h, mask, method=GMemory.write)[0] != state, axis=-1)).sum(-1)
+            == mcfg0.num_slots).all()
+    with pytest.raises(Exception, match="write_top_k"):
+        small_memory("final", write_attention="slots", write_top_k=2)
 
 
 @pytest.mark.parametrize("write_attention,recency,key_window",
