@@ -194,7 +194,14 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     shut = dict(loud, gate=dict(kernel=jnp.zeros_like(loud["gate"]["kernel"]),
                                 bias=jnp.full_like(loud["gate"]["bias"], -1e9)))
     assert memory_reliance(examples[:4], frozen, cfg, shut, mcfg, batch_size=4)["write_slots_own"] == 0.0
-    assert 1.0 <= first["write_slots_own"] <= mcfg.num_slots
+    # An open one: exp(entropy) of each slot's share of the change, written out in NumPy from the written state.
+    from gmem_jax.memory.model import initial_state, write_context
+    state = write_context(loud, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
+    change = np.linalg.norm(np.asarray(state - initial_state(loud, cfg, mcfg, 4), np.float64), axis=-1)
+    share = change / change.sum(-1, keepdims=True)
+    expected = np.exp(-(share * np.log(np.where(share > 0, share, 1.0))).sum(-1)).mean()
+    assert 1.0 < expected <= mcfg.num_slots
+    assert first["write_slots_own"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_slot_spread_counts_equally_weighted_slots():
