@@ -200,7 +200,7 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     change = np.linalg.norm(np.asarray(state - initial_state(loud, cfg, mcfg, 4), np.float64), axis=-1)
     share = change / change.sum(-1, keepdims=True)
     expected = np.exp(-(share * np.log(np.where(share > 0, share, 1.0))).sum(-1)).mean()
-    assert 1.0 < expected <= mcfg.num_slots
+    assert (change > 0).all()  # the paper's write (every slot attends to the tokens) moves every slot
     assert first["write_slots_own"] == pytest.approx(expected, rel=1e-5)
 
 
