@@ -69,6 +69,12 @@ class MemoryConfig:
       gate scales W_r r; later_read_map's W_l (or its MLP, bias-free too) adds to it. Measured on ZsRE (SmolLM2,
       keyed write, 900 steps): locality 74.8% (67.8% without it) but 0.6% of edits answered (8.9%): the read stays
       diffuse at that budget, so what it injects is the same whatever record was written (docs/results.md).
+    read_written_only: inject_read_only only. Each head's read is a softmax over the slots that head has written
+      (its part of the state is not all zeros) plus a learned null slot whose value is zero (logit per head, 0 at
+      init), instead of over all num_slots addresses. With a sparse write (write_top_k) a question then chooses
+      between the few slots the edit wrote and nothing: a read that must otherwise find ~10 written slots among
+      1,024 learned addresses stayed diffuse on ZsRE (docs/results.md, "Recipe distill"). The null slot is what
+      lets a question the memory does not concern read nothing, so the frozen answer stands.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -125,6 +131,7 @@ class MemoryConfig:
     token_gate_scope: str = "read"
     token_gate_match: bool = False
     inject_read_only: bool = False
+    read_written_only: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -169,6 +176,9 @@ class MemoryConfig:
         if self.inject_read_only and (self.injection != "final" or self.write_attention != "keyed"):
             raise GmemError("memory inject_read_only needs injection='final' and write_attention='keyed' (the memory "
                             "starts all zeros, so a write addressed by slot contents could not tell slots apart)")
+        if self.read_written_only and not self.inject_read_only:
+            raise GmemError("memory read_written_only needs inject_read_only=True (written slots are told apart from "
+                            "unwritten ones by the all-zero initial memory)")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

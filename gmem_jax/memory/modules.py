@@ -17,7 +17,9 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
-             (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem)
+             (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem;
+              read_written_only: per head, the softmax runs over the slots that head has written plus a null slot
+              with learned logit n_h and value 0, so alpha sums to 1 - (the null's weight))
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
                        (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
                         token_gate_scope="all": h' = h + sigmoid(v.[h; r] + c) (W_h h + b + W_r r);
@@ -88,6 +90,8 @@ class GMemory(nn.Module):
             self.slot_keys = self.param("slot_keys", nn.initializers.normal(1.0), (c.num_slots, M))
             self.read_q, self.write_k, self.write_v, self.write_o = (nn.Dense(M, dtype=dt) for _ in range(4))
             self.write_strength = nn.Dense(1, dtype=dt)
+            if c.read_written_only:  # per head: the logit of reading nothing (a slot whose value is 0)
+                self.read_null = self.param("read_null", nn.initializers.zeros, (c.num_heads,))
             if c.write_recency:
                 self.recency = self.param("write_recency", nn.initializers.constant(c.write_recency), ())
             if c.write_key_window > 1:  # c [w, heads]: key mix over this token and the w - 1 before it
@@ -245,11 +249,17 @@ class GMemory(nn.Module):
             logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
+        if c.read_written_only:  # unwritten slots (still exactly zero) drop out; the null slot [..., S] joins
+            written = jnp.any(self._split_heads(state) != 0, axis=-1).transpose(0, 2, 1)  # [B, nh, S]
+            logits = jnp.where(written[:, None], logits, -jnp.inf)
+            null = jnp.broadcast_to(self.read_null.astype(jnp.float32)[:, None], logits.shape[:-1] + (1,))
+            logits = jnp.concatenate([logits, null], axis=-1)
         match = None  # only token_gate_match uses it: no extra reduction over the slots on the default path
         if c.token_gate_match:
             lse = jax.nn.logsumexp(logits, axis=-1) - jnp.log(float(logits.shape[-1]))
             match = lse.mean(-1) if logits.ndim == 4 else lse
-        return jax.nn.softmax(logits, axis=-1), match
+        weights = jax.nn.softmax(logits, axis=-1)
+        return (weights[..., :-1] if c.read_written_only else weights), match
 
     def _gather(self, weights: jax.Array, state: jax.Array) -> jax.Array:
         """alpha Mem: weights from `_read_weights`, state [B, S, M] -> [B, T, M] float32."""

@@ -82,3 +82,47 @@ def test_the_read_map_gets_a_gradient_at_init():
     b = jax.tree.map(jnp.asarray, random_batch(cfg))
     grads = jax.grad(lambda m: forward_segments(m, frozen, b, cfg, mcfg).loss)(mem)
     assert float(jnp.abs(grads["inject_read"]["kernel"]).max()) > 1e-6
+
+
+def test_read_written_only_weights_match_numpy():
+    """Per head: softmax over the slots that head wrote plus a null slot of logit n_h; unwritten slots get 0."""
+    cfg, _ = tiny_backbone("llama")
+    mcfg = _read_only(read_written_only=True, importance_in_read=False)
+    mem = perturbed_memory(cfg, mcfg)
+    mem = dict(mem, read_null=jnp.array([0.7, -1.3]))
+    S, nh, d = mcfg.num_slots, mcfg.num_heads, mcfg.mem_dim // mcfg.num_heads
+    state = np.array(jax.random.normal(jax.random.PRNGKey(5), (2, S, nh, d)))
+    written = np.zeros((2, S, nh), bool)
+    written[0, [1, 4], 0] = True  # example 0: head 0 wrote slots 1 and 4, head 1 slot 6
+    written[0, 6, 1] = True
+    written[1, :, 0] = True  # example 1: head 0 wrote everything, head 1 nothing
+    state = jnp.asarray(np.where(written[..., None], state, 0.0).reshape(2, S, nh * d))
+    h = jax.random.normal(jax.random.PRNGKey(6), (2, 3, cfg.hidden_size))
+    module = GMemory(mcfg, cfg.hidden_size)
+    weights = np.asarray(module.apply({"params": mem}, state, h, method=GMemory._read_weights)[0])  # [B, T, nh, S]
+    x = module.apply({"params": mem}, h, method=GMemory.encode)
+    q = np.asarray(module.apply({"params": mem}, x, method=lambda m, x: m.read_q(x))).reshape(2, 3, nh, d)
+    keys = np.asarray(mem["slot_keys"]).reshape(S, nh, d)
+    logits = np.einsum("bthd,shd->bths", q, keys) / np.sqrt(d)
+    for b in range(2):
+        for hd in range(nh):
+            idx = np.flatnonzero(written[b, :, hd])
+            z = np.concatenate([logits[b, :, hd, idx].T, np.full((3, 1), float(mem["read_null"][hd]))], -1)
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            expect = np.zeros((3, S))
+            expect[:, idx] = p[:, :-1]
+            np.testing.assert_allclose(weights[b, :, hd], expect, rtol=1e-5, atol=1e-7)
+    assert not weights[1, :, 1].any()  # a head with nothing written reads only the null slot
+
+
+def test_read_written_only_trains_without_nans_and_needs_read_only():
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _read_only(read_written_only=True, write_top_k=2)  # most slots stay unwritten (logit -inf)
+    mem = perturbed_memory(cfg, mcfg)
+    b = jax.tree.map(jnp.asarray, random_batch(cfg))
+    grads = jax.grad(lambda m: forward_segments(m, frozen, b, cfg, mcfg).loss)(mem)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["read_null"]).min()) > 0 and float(jnp.abs(grads["read_q"]["kernel"]).max()) > 0
+    with pytest.raises(GmemError, match="read_written_only needs inject_read_only"):
+        MemoryConfig(write_attention="keyed", read_written_only=True)
