@@ -177,6 +177,7 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     first = memory_reliance(examples[:4], frozen, cfg, loud, mcfg, batch_size=4)
     assert first["token_acc_own"] == pytest.approx(float((np.asarray(preds) == gold)[w].mean()))
     assert first["answer_tokens"] == int(w.sum())
+    assert first["read_mass_own"] == first["read_mass_other"] == pytest.approx(1.0)  # no null slot: all on slots
     same = [examples[0]] * 4  # every example wrote the same context: reading another's memory is reading its own
     assert memory_reliance(same, frozen, cfg, loud, mcfg, batch_size=4)["changed_vs_other"] == 0.0
     # A read whose logits are scaled up 1000x picks about one slot per token ...
@@ -210,6 +211,9 @@ def test_slot_spread_counts_equally_weighted_slots():
 
     w = jnp.array([[0.25, 0.25, 0.25, 0.25, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0], [0.5, 0.25, 0.25, 0.0, 0.0]])
     np.testing.assert_allclose(np.asarray(slot_spread(w)), [4.0, 1.0, 2 ** 1.5], rtol=1e-6)
+    # weights that do not sum to 1 (the rest on memory.read_written_only's null slot) are normalised first
+    np.testing.assert_allclose(np.asarray(slot_spread(jnp.array([[0.1, 0.1, 0.0], [0.0, 0.0, 0.0]]))), [2.0, 0.0],
+                               rtol=1e-6)
 
 
 def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(shared_data, gpt2_tok, model):

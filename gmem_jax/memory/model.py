@@ -41,6 +41,7 @@ class SegmentOutputs(NamedTuple):
     predictions: jax.Array  # [B, N, K] argmax token at each loss position (K = T or loss_positions)
     positions: jax.Array  # [B, N, K] which position of each segment the predictions belong to
     read_spread: jax.Array  # [B, N, K] exp(entropy) of the head-averaged read weights there: slots a read spans
+    read_mass: jax.Array  # [B, N, K] their sum: 1, or 1 - the null slot's weight (memory.read_written_only)
     sp_logits: Optional[jax.Array]  # [B, N, max_sents] supporting-fact logits (sp_head only)
     slot_usage: jax.Array  # [S] mean read weight per slot
     gate_mean: jax.Array  # [S] mean update-gate openness per slot
@@ -105,9 +106,13 @@ def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.
 
 
 def slot_spread(alpha: jax.Array) -> jax.Array:
-    """exp(entropy) over the last axis: weights [..., S] summing to 1 (read weights, a write's normalised per-slot
-    change) -> how many slots they span [...] (1 to S; k equal weights span exactly k)."""
-    return jnp.exp(-jnp.sum(jnp.where(alpha > 0, alpha * jnp.log(jnp.where(alpha > 0, alpha, 1.0)), 0.0), axis=-1))
+    """exp(entropy) over the last axis of weights [..., S] >= 0 normalised to sum 1 (read weights, a write's
+    per-slot change) -> how many slots they span [...] (1 to S; k equal weights span exactly k; 0 if all are 0,
+    as when a memory.read_written_only read puts all its weight on the null slot)."""
+    total = alpha.sum(-1, keepdims=True)
+    p = alpha / jnp.maximum(total, 1e-30)
+    spread = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+    return jnp.where(total[..., 0] > 0, spread, 0.0)
 
 
 def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
@@ -227,7 +232,8 @@ def forward_segments(
         s = _call(mem_params, cfg, mcfg, GMemory.importance, new_state)
         ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
-                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=slot_spread(take_rows(alpha)))
+                  usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=slot_spread(take_rows(alpha)),
+                  mass=take_rows(alpha).sum(-1))
         if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
         if sp:
@@ -270,6 +276,7 @@ def forward_segments(
         per_example=dict(nll_sum=nll, tokens=ntok, correct=correct),
         segment_nll=jnp.swapaxes(ys["nll"], 0, 1), predictions=jnp.swapaxes(ys["pred"], 0, 1),
         positions=jnp.swapaxes(ys["pos"], 0, 1), read_spread=jnp.swapaxes(ys["spread"], 0, 1),
+        read_mass=jnp.swapaxes(ys["mass"], 0, 1),
         sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
     )
 

@@ -122,11 +122,12 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
 
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _last_segment_predictions(mem_params, frozen, batch, state, cfg, mcfg):
-    """Teacher-forced predictions, their positions and the slots each position's read spans, [B, K] each, of the
-    last segment reading `state` [B, S, M]."""
+    """Teacher-forced predictions, their positions, the slots each position's read spans and the read weight that
+    landed on slots (not the null slot of memory.read_written_only), [B, K] each, of the last segment reading
+    `state` [B, S, M]."""
     last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in batch.items()}
     out = forward_segments(mem_params, frozen, last, cfg, mcfg, state=state)
-    return out.predictions[:, -1], out.positions[:, -1], out.read_spread[:, -1]
+    return out.predictions[:, -1], out.positions[:, -1], out.read_spread[:, -1], out.read_mass[:, -1]
 
 
 def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: BackboneConfig, mem_params: dict,
@@ -144,6 +145,9 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     what was written, or the trained injection itself, moves the answers to unrelated questions.
     `read_slots_own` (and per kind): how many slots an answer position's read spreads over, reading its own
     memory (SegmentOutputs.read_spread): a lookup of the question's subject reads a few, a diffuse read most of the bank.
+    `read_mass_own` / `read_mass_other` (and per kind): the read weight that lands on slots rather than on the null
+    slot (memory.read_written_only; 1 otherwise), reading its own / another example's memory: a question the
+    written memory does not concern should read nothing.
     `write_slots_own`: how many slots an example's context changed, the same exp(entropy) over each slot's share of
     the total change |written - empty| (L2 per slot; 0 for a context that changed nothing): a write that stores the
     context in a few slots against one that smears it over the whole bank, where any read address finds it."""
@@ -153,6 +157,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     kinds: list[np.ndarray] = []
     changed = {k: [] for k in ("other", "empty")}
     spread: list[np.ndarray] = []
+    mass = {k: [] for k in ("own", "other")}
     written: list[np.ndarray] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
@@ -164,16 +169,18 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
         change = jnp.linalg.norm(state - states["empty"], axis=-1)  # [B, S]
         total = change.sum(-1, keepdims=True)
-        written.append(np.where(total[:, 0] > 0, np.asarray(slot_spread(change / jnp.maximum(total, 1e-30))), 0.0))
-        preds, spreads = {}, {}
+        written.append(np.asarray(slot_spread(change)))
+        preds, spreads, masses = {}, {}, {}
         for k, s in states.items():  # the positions depend only on the loss mask: the same for every state
-            p, pos, sp = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
-            preds[k], pos, spreads[k] = np.asarray(p), np.asarray(pos), np.asarray(sp)
+            p, pos, sp, ms = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
+            preds[k], pos, spreads[k], masses[k] = np.asarray(p), np.asarray(pos), np.asarray(sp), np.asarray(ms)
         gold = np.take_along_axis(batch["labels"][:, -1], pos, 1)
         w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
         kind = np.array([str(ex.meta.get("kind", "")) for ex in chunk])[:, None].repeat(w.shape[1], 1)
         kinds.append(kind[w])
         spread.append(spreads["own"][w])
+        for k in mass:
+            mass[k].append(masses[k][w])
         ref = None
         if (kind == "locality").any():  # the unedited model on the same question segment, same positions
             ref = np.take_along_axis(np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1],
@@ -188,6 +195,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     out.update({f"changed_vs_{k}": float(cat(v).mean()) for k, v in changed.items()})
     out["answer_tokens"] = int(cat(hits["own"]).size)
     out["read_slots_own"] = float(cat(spread).mean())
+    out.update({f"read_mass_{k}": float(cat(v).mean()) for k, v in mass.items()})
     out["write_slots_own"] = float(cat(written).mean())
     kind = cat(kinds)
     for name in sorted(set(kind.tolist()) - {""}):
@@ -195,6 +203,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         out.update({f"token_acc_{k}_{name}": float(cat(v)[sel].mean()) for k, v in hits.items()})
         out[f"answer_tokens_{name}"] = int(sel.sum())
         out[f"read_slots_own_{name}"] = float(cat(spread)[sel].mean())
+        out.update({f"read_mass_{k}_{name}": float(cat(v)[sel].mean()) for k, v in mass.items()})
         if name == "locality":
             out.update({f"locality_agreement_{k}": float(cat(v)[sel].mean()) for k, v in agree.items()})
     return out

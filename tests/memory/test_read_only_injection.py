@@ -126,3 +126,22 @@ def test_read_written_only_trains_without_nans_and_needs_read_only():
     assert float(jnp.abs(grads["read_null"]).min()) > 0 and float(jnp.abs(grads["read_q"]["kernel"]).max()) > 0
     with pytest.raises(GmemError, match="read_written_only needs inject_read_only"):
         MemoryConfig(write_attention="keyed", read_written_only=True)
+
+
+def test_read_written_only_null_slot_decides_what_is_read():
+    """A null logit far above every slot's reads nothing (read mass 0, exactly the frozen model's losses); far
+    below, all the read weight lands on written slots (mass 1)."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _read_only(read_written_only=True, write_top_k=2)
+    mem = perturbed_memory(cfg, mcfg)
+    b = jax.tree.map(jnp.asarray, random_batch(cfg))
+    f = jax.jit(lambda m: forward_segments(m, frozen, b, cfg, mcfg))
+    frozen_nll = np.asarray(jax.jit(lambda m: forward_segments(m, frozen, b, cfg, mcfg, use_memory=False))(mem)
+                            .segment_nll)
+    shut, open_ = f(dict(mem, read_null=jnp.full((2,), 1e4))), f(dict(mem, read_null=jnp.full((2,), -1e4)))
+    assert not np.asarray(shut.read_mass).any() and not np.asarray(shut.read_spread).any()
+    np.testing.assert_array_equal(np.asarray(shut.segment_nll), frozen_nll)
+    later = np.asarray(open_.read_mass)[:, 1:]  # segment 0 reads the empty memory: nothing written yet
+    np.testing.assert_allclose(later, 1.0, rtol=1e-6)
+    assert not np.asarray(open_.read_mass)[:, 0].any()
+    assert not np.allclose(np.asarray(open_.segment_nll)[:, 1:], frozen_nll[:, 1:])
