@@ -74,7 +74,10 @@ class MemoryConfig:
       init), instead of over all num_slots addresses. With a sparse write (write_top_k) a question then chooses
       between the few slots the edit wrote and nothing: a read that must otherwise find ~10 written slots among
       1,024 learned addresses stayed diffuse on ZsRE (docs/results.md, "Recipe distill"). The null slot is what
-      lets a question the memory does not concern read nothing, so the frozen answer stands.
+      lets a question the memory does not concern read nothing, so the frozen answer stands. Measured on ZsRE
+      (read-only injection, top-16 write, 900 steps): the first answer token 15.1% (6.9% without it) but locality
+      72.6% (87.8%): 99% of the read weight stays on slots for unrelated questions too, since one null logit per
+      head cannot tell them apart and the slot addresses match them as well as the edit's own questions.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
