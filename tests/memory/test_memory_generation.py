@@ -22,6 +22,16 @@ def test_greedy_decoding_with_memory_matches_the_segment_loop(injection):
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
 
 
+def test_greedy_decoding_reads_only_written_slots_like_the_segment_loop():
+    """memory.read_written_only (read-only injection, top-2 write): generation decides which slots are written from
+    the same state as the training path, so the two agree token for token."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", inject_read_only=True, write_top_k=2,
+                        read_written_only=True)
+    mem = perturbed_memory(cfg, mcfg, scale=1.0)
+    assert_generation_matches_segment_loop(cfg, frozen, mcfg, dict(mem, read_null=jnp.array([0.5, -0.5])))
+
+
 @pytest.mark.parametrize("n, hidden", [(1, 0), (3, 16)])
 def test_later_read_map_applies_to_the_same_tokens_in_generation_and_training(n, hidden):
     """memory.later_read_map makes the forward depend on which answer target a position predicts: generation
