@@ -78,6 +78,9 @@ class MemoryConfig:
       (read-only injection, top-16 write, 900 steps): the first answer token 15.1% (6.9% without it) but locality
       72.6% (87.8%): 99% of the read weight stays on slots for unrelated questions too, since one null logit per
       head cannot tell them apart and the slot addresses match them as well as the edit's own questions.
+    read_by_content: read_written_only only. The read matches its query with what each written slot holds (that
+      head's part of the state) instead of the slot's fixed learned key, so the address is whatever the write
+      stored, not a key the question must land on through a learned map of its own.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -135,6 +138,7 @@ class MemoryConfig:
     token_gate_match: bool = False
     inject_read_only: bool = False
     read_written_only: bool = False
+    read_by_content: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -182,6 +186,9 @@ class MemoryConfig:
         if self.read_written_only and not self.inject_read_only:
             raise GmemError("memory read_written_only needs inject_read_only=True (written slots are told apart from "
                             "unwritten ones by the all-zero initial memory)")
+        if self.read_by_content and not self.read_written_only:
+            raise GmemError("memory read_by_content needs read_written_only=True (an unwritten slot's content is 0, "
+                            "which would match every query alike); set both")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

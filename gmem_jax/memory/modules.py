@@ -19,7 +19,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem;
               read_written_only: per head, the softmax runs over the slots that head has written plus a null slot
-              with learned logit n_h and value 0, so alpha sums to 1 - (the null's weight))
+              with learned logit n_h and value 0, so alpha sums to 1 - (the null's weight); read_by_content: the
+              query is matched with each slot's content Mem_h instead of K)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
                        (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
                         token_gate_scope="all": h' = h + sigmoid(v.[h; r] + c) (W_h h + b + W_r r);
@@ -245,8 +246,12 @@ class GMemory(nn.Module):
         x = self.encode(h)
         bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
         if c.write_attention == "keyed":  # per head: match the slots' addresses
-            q, keys = self._split_heads(self.read_q(x)), self._split_heads(self.slot_keys)  # [B,T,nh,d], [S,nh,d]
-            logits = jnp.einsum("bthd,shd->bths", q, keys) / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
+            q = self._split_heads(self.read_q(x))  # [B, T, nh, d]
+            if c.read_by_content:  # match what each slot holds, [B, S, nh, d]
+                logits = jnp.einsum("bthd,bshd->bths", q, self._split_heads(state))
+            else:  # match the slots' fixed addresses, [S, nh, d]
+                logits = jnp.einsum("bthd,shd->bths", q, self._split_heads(self.slot_keys))
+            logits = logits / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
         if c.read_written_only:  # unwritten slots (still exactly zero) drop out; the null slot [..., S] joins

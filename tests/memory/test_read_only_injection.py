@@ -84,10 +84,12 @@ def test_the_read_map_gets_a_gradient_at_init():
     assert float(jnp.abs(grads["inject_read"]["kernel"]).max()) > 1e-6
 
 
-def test_read_written_only_weights_match_numpy():
-    """Per head: softmax over the slots that head wrote plus a null slot of logit n_h; unwritten slots get 0."""
+@pytest.mark.parametrize("by_content", [False, True])
+def test_read_written_only_weights_match_numpy(by_content):
+    """Per head: softmax over the slots that head wrote plus a null slot of logit n_h; unwritten slots get 0. The
+    query meets the slots' fixed keys, or with read_by_content what they hold."""
     cfg, _ = tiny_backbone("llama")
-    mcfg = _read_only(read_written_only=True, importance_in_read=False)
+    mcfg = _read_only(read_written_only=True, importance_in_read=False, read_by_content=by_content)
     mem = perturbed_memory(cfg, mcfg)
     mem = dict(mem, read_null=jnp.array([0.7, -1.3]))
     S, nh, d = mcfg.num_slots, mcfg.num_heads, mcfg.mem_dim // mcfg.num_heads
@@ -102,8 +104,10 @@ def test_read_written_only_weights_match_numpy():
     weights = np.asarray(module.apply({"params": mem}, state, h, method=GMemory._read_weights)[0])  # [B, T, nh, S]
     x = module.apply({"params": mem}, h, method=GMemory.encode)
     q = np.asarray(module.apply({"params": mem}, x, method=lambda m, x: m.read_q(x))).reshape(2, 3, nh, d)
-    keys = np.asarray(mem["slot_keys"]).reshape(S, nh, d)
-    logits = np.einsum("bthd,shd->bths", q, keys) / np.sqrt(d)
+    if by_content:
+        logits = np.einsum("bthd,bshd->bths", q, np.asarray(state).reshape(2, S, nh, d)) / np.sqrt(d)
+    else:
+        logits = np.einsum("bthd,shd->bths", q, np.asarray(mem["slot_keys"]).reshape(S, nh, d)) / np.sqrt(d)
     for b in range(2):
         for hd in range(nh):
             idx = np.flatnonzero(written[b, :, hd])
@@ -126,6 +130,8 @@ def test_read_written_only_trains_without_nans_and_needs_read_only():
     assert float(jnp.abs(grads["read_null"]).min()) > 0 and float(jnp.abs(grads["read_q"]["kernel"]).max()) > 0
     with pytest.raises(GmemError, match="read_written_only needs inject_read_only"):
         MemoryConfig(write_attention="keyed", read_written_only=True)
+    with pytest.raises(GmemError, match="read_by_content needs read_written_only"):
+        MemoryConfig(write_attention="keyed", inject_read_only=True, read_by_content=True)
 
 
 def test_read_written_only_null_slot_decides_what_is_read():
