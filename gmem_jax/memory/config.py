@@ -80,7 +80,8 @@ class MemoryConfig:
       head cannot tell them apart and the slot addresses match them as well as the edit's own questions.
     read_by_content: read_written_only only. The read matches its query with what each written slot holds (that
       head's part of the state) instead of the slot's fixed learned key, so the address is whatever the write
-      stored, not a key the question must land on through a learned map of its own.
+      stored, not a key the question must land on through a learned map of its own. Measured on ZsRE (450 steps):
+      no better at telling an edit's questions from unrelated ones (98.5% of the read weight on slots for both).
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
