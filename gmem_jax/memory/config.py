@@ -82,6 +82,12 @@ class MemoryConfig:
       head's part of the state) instead of the slot's fixed learned key, so the address is whatever the write
       stored, not a key the question must land on through a learned map of its own. Measured on ZsRE (450 steps):
       no better at telling an edit's questions from unrelated ones (98.5% of the read weight on slots for both).
+    read_by_write_key: read_written_only only (update gate). A key-value memory: each head's part of a slot is
+      split in two, the write storing in the first half the first half of the write keys of the tokens the slot
+      won (mixed with the same weights as the values, which fill the second half), and the read matching the
+      first half of its query with those stored keys, then reading only the value halves. The question is thus
+      compared directly with what addressed the edit's write (for ZsRE, the subject's tokens), not through the
+      fixed slot keys that the write chose among, nor through the stored values.
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
@@ -140,6 +146,7 @@ class MemoryConfig:
     inject_read_only: bool = False
     read_written_only: bool = False
     read_by_content: bool = False
+    read_by_write_key: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -190,6 +197,10 @@ class MemoryConfig:
         if self.read_by_content and not self.read_written_only:
             raise GmemError("memory read_by_content needs read_written_only=True (an unwritten slot's content is 0, "
                             "which would match every query alike); set both")
+        if self.read_by_write_key and not (self.read_written_only and not self.read_by_content
+                                           and self.gate == "update" and (self.mem_dim // self.num_heads) % 2 == 0):
+            raise GmemError("memory read_by_write_key needs read_written_only=True, read_by_content=False, "
+                            "gate='update' (a GRU candidate would remix the stored keys) and an even mem_dim/num_heads")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

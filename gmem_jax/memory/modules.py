@@ -20,7 +20,9 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem;
               read_written_only: per head, the softmax runs over the slots that head has written plus a null slot
               with learned logit n_h and value 0, so alpha sums to 1 - (the null's weight); read_by_content: the
-              query is matched with each slot's content Mem_h instead of K)
+              query is matched with each slot's content Mem_h instead of K; read_by_write_key: each head's part
+              of a slot is [stored key; value], the write storing there the first half of the won tokens' write
+              keys (mixed like the values), the query's first half matched with it and only the value half read)
     inject:  final:    h' = h + W[h; r] + b, W = 0, b = 0 at init (exactly the frozen model)
                        (token_gate: h' = h + W_h h + b + sigmoid(v.[h; r] + c) W_r r, W_h, W_r, b = 0 at init;
                         token_gate_scope="all": h' = h + sigmoid(v.[h; r] + c) (W_h h + b + W_r r);
@@ -191,7 +193,8 @@ class GMemory(nn.Module):
             decay = jnp.exp(self.recency * jnp.minimum(t - last, 0.0) / max(x.shape[1] - 1, 1))  # [B, T]
             content_share = share * decay[:, None, None, :]
             content_won = content_share.sum(-1)
-        a = jnp.einsum("bhst,bthd->bshd", content_share / (content_won[..., None] + _EPS), v).reshape(B, S, M)
+        content_weights = content_share / (content_won[..., None] + _EPS)
+        a = jnp.einsum("bhst,bthd->bshd", content_weights, v).reshape(B, S, M)
         if self.cfg.write_attention == "keyed":  # relative: the most-written slot of a head gets the full gate
             strength = won / (won.max(-1, keepdims=True) + _EPS)
             if self.cfg.write_top_k:  # only each head's k most-won slots; ties at the k-th value are all kept
@@ -199,7 +202,11 @@ class GMemory(nn.Module):
                 strength = jnp.where(won >= kth, strength, 0.0)
         else:
             strength = jnp.minimum(won, 1.0)
-        return self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32), strength.mean(1)
+        a = self.write_o(a.astype(self.cfg.dtype)).astype(jnp.float32)
+        if self.cfg.read_by_write_key:  # each head's first half stores the write keys of what the slot won
+            stored_key = jnp.einsum("bhst,bthd->bshd", content_weights, k)[..., : k.shape[-1] // 2]
+            a = jnp.concatenate([stored_key, self._split_heads(a)[..., k.shape[-1] // 2:]], -1).reshape(B, S, M)
+        return a, strength.mean(1)
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
               content_only: bool = False):
@@ -249,6 +256,10 @@ class GMemory(nn.Module):
             q = self._split_heads(self.read_q(x))  # [B, T, nh, d]
             if c.read_by_content:  # match what each slot holds, [B, S, nh, d]
                 logits = jnp.einsum("bthd,bshd->bths", q, self._split_heads(state))
+            elif c.read_by_write_key:  # match the write keys each slot stored (first half of each head's part)
+                half = q.shape[-1] // 2
+                q = q[..., :half]
+                logits = jnp.einsum("bthd,bshd->bths", q, self._split_heads(state)[..., :half])
             else:  # match the slots' fixed addresses, [S, nh, d]
                 logits = jnp.einsum("bthd,shd->bths", q, self._split_heads(self.slot_keys))
             logits = logits / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
@@ -269,7 +280,11 @@ class GMemory(nn.Module):
     def _gather(self, weights: jax.Array, state: jax.Array) -> jax.Array:
         """alpha Mem: weights from `_read_weights`, state [B, S, M] -> [B, T, M] float32."""
         if weights.ndim == 4:  # keyed: each head reads its part of the slots
-            out = jnp.einsum("bths,bshd->bthd", weights, self._split_heads(state))
+            values = self._split_heads(state)
+            if self.cfg.read_by_write_key:  # the stored write keys address the slot; only its value half is read
+                half = values.shape[-1] // 2
+                values = jnp.concatenate([jnp.zeros_like(values[..., :half]), values[..., half:]], -1)
+            out = jnp.einsum("bths,bshd->bthd", weights, values)
             return out.reshape(out.shape[:2] + (-1,))
         return jnp.einsum("bts,bsm->btm", weights, state)
 

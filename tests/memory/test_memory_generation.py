@@ -22,13 +22,14 @@ def test_greedy_decoding_with_memory_matches_the_segment_loop(injection):
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
 
 
-@pytest.mark.parametrize("by_content", [False, True])
-def test_greedy_decoding_reads_only_written_slots_like_the_segment_loop(by_content):
+@pytest.mark.parametrize("address", ["slot_keys", "content", "write_key"])
+def test_greedy_decoding_reads_only_written_slots_like_the_segment_loop(address):
     """memory.read_written_only (read-only injection, top-2 write): generation decides which slots are written from
     the same state as the training path, so the two agree token for token."""
     cfg, frozen = tiny_backbone("llama")
     mcfg = small_memory("final", write_attention="keyed", inject_read_only=True, write_top_k=2,
-                        read_written_only=True, read_by_content=by_content)
+                        read_written_only=True, read_by_content=address == "content",
+                        read_by_write_key=address == "write_key")
     mem = perturbed_memory(cfg, mcfg, scale=1.0)
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, dict(mem, read_null=jnp.array([0.5, -0.5])))
 

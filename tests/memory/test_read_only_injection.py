@@ -84,12 +84,14 @@ def test_the_read_map_gets_a_gradient_at_init():
     assert float(jnp.abs(grads["inject_read"]["kernel"]).max()) > 1e-6
 
 
-@pytest.mark.parametrize("by_content", [False, True])
-def test_read_written_only_weights_match_numpy(by_content):
+@pytest.mark.parametrize("address", ["slot_keys", "content", "write_key"])
+def test_read_written_only_weights_match_numpy(address):
     """Per head: softmax over the slots that head wrote plus a null slot of logit n_h; unwritten slots get 0. The
-    query meets the slots' fixed keys, or with read_by_content what they hold."""
+    query meets the slots' fixed keys, with read_by_content what they hold, with read_by_write_key (its first half)
+    the first half of what they hold."""
     cfg, _ = tiny_backbone("llama")
-    mcfg = _read_only(read_written_only=True, importance_in_read=False, read_by_content=by_content)
+    mcfg = _read_only(read_written_only=True, importance_in_read=False, read_by_content=address == "content",
+                      read_by_write_key=address == "write_key")
     mem = perturbed_memory(cfg, mcfg)
     mem = dict(mem, read_null=jnp.array([0.7, -1.3]))
     S, nh, d = mcfg.num_slots, mcfg.num_heads, mcfg.mem_dim // mcfg.num_heads
@@ -104,8 +106,12 @@ def test_read_written_only_weights_match_numpy(by_content):
     weights = np.asarray(module.apply({"params": mem}, state, h, method=GMemory._read_weights)[0])  # [B, T, nh, S]
     x = module.apply({"params": mem}, h, method=GMemory.encode)
     q = np.asarray(module.apply({"params": mem}, x, method=lambda m, x: m.read_q(x))).reshape(2, 3, nh, d)
-    if by_content:
+    if address == "content":
         logits = np.einsum("bthd,bshd->bths", q, np.asarray(state).reshape(2, S, nh, d)) / np.sqrt(d)
+    elif address == "write_key":
+        half = d // 2
+        stored = np.asarray(state).reshape(2, S, nh, d)[..., :half]
+        logits = np.einsum("bthd,bshd->bths", q[..., :half], stored) / np.sqrt(half)
     else:
         logits = np.einsum("bthd,shd->bths", q, np.asarray(mem["slot_keys"]).reshape(S, nh, d)) / np.sqrt(d)
     for b in range(2):
@@ -132,6 +138,36 @@ def test_read_written_only_trains_without_nans_and_needs_read_only():
         MemoryConfig(write_attention="keyed", read_written_only=True)
     with pytest.raises(GmemError, match="read_by_content needs read_written_only"):
         MemoryConfig(write_attention="keyed", inject_read_only=True, read_by_content=True)
+    for bad in (dict(), dict(read_written_only=True, gate="gru"), dict(read_written_only=True, read_by_content=True)):
+        with pytest.raises(GmemError, match="read_by_write_key needs read_written_only"):
+            MemoryConfig(write_attention="keyed", inject_read_only=True, read_by_write_key=True, **bad)
+
+
+def test_read_by_write_key_stores_the_write_key_and_reads_only_values():
+    """A segment with one real token: every slot it wins stores z_s [k_h[:d/2]; o_h[d/2:]] per head (k the token's
+    write key, o = write_o(write_v(x)), z_s the slot's gate); the read returns only value halves."""
+    cfg, _ = tiny_backbone("llama")
+    mcfg = _read_only(read_written_only=True, read_by_write_key=True, importance_in_read=False)
+    mem = perturbed_memory(cfg, mcfg)
+    module, S, nh = GMemory(mcfg, cfg.hidden_size), mcfg.num_slots, mcfg.num_heads
+    d, half = mcfg.mem_dim // nh, mcfg.mem_dim // nh // 2
+    h = jax.random.normal(jax.random.PRNGKey(3), (1, 4, cfg.hidden_size))
+    mask = jnp.array([[False, False, True, False]])
+    state0 = jnp.zeros((1, S, mcfg.mem_dim))
+    state, _ = module.apply({"params": mem}, state0, h, mask, 1.0, method=GMemory.write)
+    x = module.apply({"params": mem}, h, "write", method=GMemory.encode)
+    k = np.asarray(module.apply({"params": mem}, x, method=lambda m, x: m.write_k(x)))[0, 2].reshape(nh, d)
+    o = np.asarray(module.apply({"params": mem}, x, method=lambda m, x: m.write_o(m.write_v(x))))[0, 2]
+    expect = np.concatenate([k[:, :half], o.reshape(nh, d)[:, half:]], -1).reshape(-1)
+    got = np.asarray(state)[0]  # [S, M]
+    z = got @ expect / (expect @ expect)
+    assert (z > 1e-3).sum() >= 1
+    np.testing.assert_allclose(got, z[:, None] * expect[None], rtol=1e-4, atol=1e-6)
+    weights = jnp.full((1, 2, nh, S), 1.0 / S)
+    read = np.asarray(module.apply({"params": mem}, weights, state, method=GMemory._gather)).reshape(2, nh, d)
+    assert not read[..., :half].any()
+    np.testing.assert_allclose(read[0, :, half:], np.asarray(state)[0].reshape(S, nh, d)[:, :, half:].mean(0),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_read_written_only_null_slot_decides_what_is_read():
