@@ -178,8 +178,9 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     assert first["token_acc_own"] == pytest.approx(float((np.asarray(preds) == gold)[w].mean()))
     assert first["answer_tokens"] == int(w.sum())
     assert first["read_mass_own"] == first["read_mass_other"] == pytest.approx(1.0)  # no null slot: all on slots
-    same = [examples[0]] * 4  # every example wrote the same context: reading another's memory is reading its own
-    assert memory_reliance(same, frozen, cfg, loud, mcfg, batch_size=4)["changed_vs_other"] == 0.0
+    same = memory_reliance([examples[0]] * 4, frozen, cfg, loud, mcfg, batch_size=4)  # one context: no "other"
+    assert same["answer_tokens_other"] == 0 and np.isnan(same["changed_vs_other"]) and same["answer_tokens"] > 0
+    assert first["answer_tokens_other"] == first["answer_tokens"]
     # A read whose logits are scaled up 1000x picks about one slot per token ...
     sharp = dict(loud, encoder=dict(loud["encoder"], out=jax.tree.map(lambda x: 1e3 * x, loud["encoder"]["out"])))
     assert memory_reliance(examples[:4], frozen, cfg, sharp, mcfg, batch_size=4)["read_slots_own"] < 1.5
@@ -205,6 +206,15 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     assert first["write_slots_own"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_other_context_is_the_nearest_earlier_example_with_a_different_context():
+    """ZsRE lists a record's questions together (one context each): "another example's memory" must skip them."""
+    from gmem_jax.training.evaluation import other_context
+
+    a, b, c = np.zeros((2, 3)), np.ones((2, 3)), np.full((2, 3), 2.0)
+    np.testing.assert_array_equal(other_context(np.stack([a, a, b, b, b, c])), [5, 5, 1, 1, 1, 4])
+    np.testing.assert_array_equal(other_context(np.stack([a, a, a])), [-1, -1, -1])
+
+
 def test_slot_spread_counts_equally_weighted_slots():
     """exp(entropy): k equal weights span exactly k slots, one weight 1 slot, a 0.5/0.25/0.25 split 2^1.5."""
     from gmem_jax.memory.model import slot_spread
@@ -222,7 +232,7 @@ def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(share
     memory at initialisation, and for a randomised injection exactly the share of locality answer positions where
     the eval pass's predictions equal the frozen model's."""
     from gmem_jax.tasks.base import collate
-    from gmem_jax.training.evaluation import _memory_pass, frozen_argmax, memory_reliance
+    from gmem_jax.training.evaluation import _memory_pass, frozen_argmax, memory_reliance, other_context
 
     cfg, frozen, mcfg, mem = model
     task = get_task("zsre", source=str(shared_data / "zsre" / "zsre_mend_edit_837.json"))
@@ -237,11 +247,15 @@ def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(share
         lambda p, x: 0.5 * jax.random.normal(next(keys), x.shape) if "inject" in jax.tree_util.keystr(p) else x, mem)
     rel = memory_reliance(examples, frozen, cfg, loud, mcfg, batch_size=8)
     total = sum(rel[f"answer_tokens_{k}"] for k in kinds)
-    assert total == rel["answer_tokens"]
+    assert total == rel["answer_tokens"] == rel["answer_tokens_other"]
     for name in ("token_acc_own", "read_slots_own"):
         assert rel[name] == pytest.approx(sum(rel[f"{name}_{k}"] * rel[f"answer_tokens_{k}"] for k in kinds) / total)
 
     batch = {k: v for k, v in collate(examples).items() if k != "example_mask"}  # own = the eval pass
+    record = [ex.meta["id"].rsplit("-", 1)[0] for ex in examples]  # "zsre-{index}"
+    assert any(record[i] == record[i - 1] for i in range(1, len(record)))  # the previous example: often the same edit
+    partner = other_context(np.asarray(batch["tokens"][:, :-1]))
+    assert all(j >= 0 and record[j] != record[i] for i, j in enumerate(partner))  # "other" is another record's
     preds, pos, _, _ = _memory_pass(loud, frozen, batch, cfg, mcfg, True)
     pos = np.asarray(pos)
     ref = np.take_along_axis(np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1], batch["token_mask"][:, -1],

@@ -130,12 +130,29 @@ def _last_segment_predictions(mem_params, frozen, batch, state, cfg, mcfg):
     return out.predictions[:, -1], out.positions[:, -1], out.read_spread[:, -1], out.read_mass[:, -1]
 
 
+def other_context(contexts: np.ndarray) -> np.ndarray:
+    """contexts [B, ...] -> [B] int: for each example, the nearest earlier one (cyclically) whose context differs,
+    -1 if every example holds the same context. ZsRE lists each record's questions next to each other, all written
+    from the same edit, so the previous example is usually not another record's."""
+    flat = contexts.reshape(len(contexts), -1)
+    out = np.full(len(flat), -1)
+    for i in range(len(flat)):
+        for step in range(1, len(flat)):
+            if not np.array_equal(flat[i], flat[(i - step) % len(flat)]):
+                out[i] = (i - step) % len(flat)
+                break
+    return out
+
+
 def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: BackboneConfig, mem_params: dict,
                     mcfg: MemoryConfig, *, batch_size: int = 8) -> dict[str, float]:
     """Does the trained model use what was written? Teacher-forced answer-token accuracy of the question segment
-    reading (own) the memory written from its own context, (other) the memory written from the next example's
-    context in the batch, (empty) the unwritten slot bank; and the fraction of answer-token predictions that
-    change from own to other / empty. A memory that is read but not relied on gives own == other.
+    reading (own) the memory written from its own context, (other) the memory written from the nearest earlier
+    example in the batch with a different context (`other_context`; examples with none are left out of the "other"
+    figures, `answer_tokens_other` counts what is in), (empty) the unwritten slot bank; and the fraction of
+    answer-token predictions that change from own to other / empty. A memory that is read but not relied on gives
+    own == other. (Before 2026-12-04, late, "other" was simply the previous example's memory: for a ZsRE
+    record's generalization, locality and portability questions that was the same edit.)
 
     When examples carry meta['kind'] (ZsRE: reliability, generalization, locality, portability) the accuracies
     are also given per kind (`token_acc_own_locality`, ...), and for locality examples the agreement of each
@@ -159,13 +176,15 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     spread: list[np.ndarray] = []
     mass = {k: [] for k in ("own", "other")}
     written: list[np.ndarray] = []
+    has_other: list[np.ndarray] = []  # per answer position: its example has a partner with another context
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         if len(chunk) < 2:  # "another example's memory" needs two examples in the batch
             continue
         batch = {k: v for k, v in collate(chunk).items() if k != "example_mask"}
         state = write_context(mem_params, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
-        states = {"own": state, "other": jnp.roll(state, 1, axis=0),
+        partner = other_context(np.asarray(batch["tokens"][:, :-1]))
+        states = {"own": state, "other": state[np.where(partner >= 0, partner, np.arange(len(chunk)))],
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
         change = jnp.linalg.norm(state - states["empty"], axis=-1)  # [B, S]
         total = change.sum(-1, keepdims=True)
@@ -178,6 +197,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
         kind = np.array([str(ex.meta.get("kind", "")) for ex in chunk])[:, None].repeat(w.shape[1], 1)
         kinds.append(kind[w])
+        has_other.append(np.broadcast_to((partner >= 0)[:, None], w.shape)[w])
         spread.append(spreads["own"][w])
         for k in mass:
             mass[k].append(masses[k][w])
@@ -191,21 +211,28 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         for k in changed:
             changed[k].append((preds[k] != preds["own"])[w])
     cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
-    out = {f"token_acc_{k}": float(cat(v).mean()) for k, v in hits.items()}
-    out.update({f"changed_vs_{k}": float(cat(v).mean()) for k, v in changed.items()})
+    valid = cat(has_other).astype(bool)
+
+    def mean(values, state, sel=True):  # "other" figures only where another context was available
+        keep = sel & valid if state == "other" else np.broadcast_to(sel, values.shape)
+        return float(values[keep].mean()) if keep.any() else float("nan")
+
+    out = {f"token_acc_{k}": mean(cat(v), k) for k, v in hits.items()}
+    out.update({f"changed_vs_{k}": mean(cat(v), k) for k, v in changed.items()})
     out["answer_tokens"] = int(cat(hits["own"]).size)
+    out["answer_tokens_other"] = int(valid.sum())
     out["read_slots_own"] = float(cat(spread).mean())
-    out.update({f"read_mass_{k}": float(cat(v).mean()) for k, v in mass.items()})
+    out.update({f"read_mass_{k}": mean(cat(v), k) for k, v in mass.items()})
     out["write_slots_own"] = float(cat(written).mean())
     kind = cat(kinds)
     for name in sorted(set(kind.tolist()) - {""}):
         sel = kind == name
-        out.update({f"token_acc_{k}_{name}": float(cat(v)[sel].mean()) for k, v in hits.items()})
+        out.update({f"token_acc_{k}_{name}": mean(cat(v), k, sel) for k, v in hits.items()})
         out[f"answer_tokens_{name}"] = int(sel.sum())
         out[f"read_slots_own_{name}"] = float(cat(spread)[sel].mean())
-        out.update({f"read_mass_{k}_{name}": float(cat(v)[sel].mean()) for k, v in mass.items()})
+        out.update({f"read_mass_{k}_{name}": mean(cat(v), k, sel) for k, v in mass.items()})
         if name == "locality":
-            out.update({f"locality_agreement_{k}": float(cat(v)[sel].mean()) for k, v in agree.items()})
+            out.update({f"locality_agreement_{k}": mean(cat(v), k, sel) for k, v in agree.items()})
     return out
 
 
