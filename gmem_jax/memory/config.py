@@ -61,8 +61,8 @@ class MemoryConfig:
       edit (that needs a product of h and the memory); m is that product, so the gate can shut on questions the
       written memory does not concern. Needs token_gate=True.
     inject_read_only: final injection, keyed write only. The injection adds only what was read, h' = h + W_r r
-      (no W_h h + b term, which moves every answer whatever the memory holds: EasyEdit locality 67% with any
-      memory, own, another record's or none, docs/results.md); the memory starts empty (zeros, no learned slot
+      (no W_h h + b term, which moves every answer whatever the memory holds: EasyEdit locality 68% reading the
+      edit's memory, 70% reading the unwritten slot bank, docs/results.md); the memory starts empty (zeros, no learned slot
       bank) and the decoder has neither biases nor a LayerNorm (which would rescale a faint read to full size), so
       D(0) = 0. A read that lands on unwritten slots thus injects exactly nothing, one that lands faintly on
       written ones injects little, and the no-memory ablation is exactly the frozen model. With token_gate the
@@ -87,7 +87,9 @@ class MemoryConfig:
       won (mixed with the same weights as the values, which fill the second half), and the read matching the
       first half of its query with those stored keys, then reading only the value halves. The question is thus
       compared directly with what addressed the edit's write (for ZsRE, the subject's tokens), not through the
-      fixed slot keys that the write chose among, nor through the stored values.
+      fixed slot keys that the write chose among, nor through the stored values. Measured on ZsRE (900 steps):
+      no better at telling an edit's questions from unrelated ones (98.5 / 98.4% of the read weight on slots for
+      reliability / locality questions), locality 76.8%, 0.6% of edits answered (docs/results.md).
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
     write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
