@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gmem_jax.backbones import BackboneConfig, init_params
+from gmem_jax.errors import GmemError
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import init_memory
 from gmem_jax.tasks.registry import get_task
@@ -213,6 +214,27 @@ def test_other_context_is_the_nearest_earlier_example_with_a_different_context()
     a, b, c = np.zeros((2, 3)), np.ones((2, 3)), np.full((2, 3), 2.0)
     np.testing.assert_array_equal(other_context(np.stack([a, a, b, b, b, c])), [5, 5, 1, 1, 1, 4])
     np.testing.assert_array_equal(other_context(np.stack([a, a, a])), [-1, -1, -1])
+
+
+def test_scope_labels_follow_the_kind(shared_data, gpt2_tok):
+    """memory.scope_weight's labels: a ZsRE locality question is out of the written edit's scope, every other kind
+    in; collate turns them into `scope` [B] (absent when no example is labelled)."""
+    from gmem_jax.tasks.base import collate
+    from gmem_jax.training.builders import label_scope
+
+    task = get_task("zsre", source=str(shared_data / "zsre" / "zsre_mend_edit_837.json"))
+    examples = task.examples("dev", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
+    size = -(-(len(examples) + 1) // jax.device_count()) * jax.device_count()  # a padded batch, split over devices
+    batch = collate(label_scope(examples), pad_to=size)
+    expect = [float(ex.meta["kind"] != "locality") for ex in examples] + [-1.0] * (size - len(examples))
+    assert 0.0 in expect and 1.0 in expect
+    np.testing.assert_array_equal(batch["scope"], expect)
+    assert "scope" not in collate(examples)
+    from gmem_jax.training.sharding import make_mesh
+    from gmem_jax.training.trainer import _device_batch  # what the train step receives keeps the labels
+    np.testing.assert_array_equal(np.asarray(_device_batch(batch, make_mesh({"data": -1}))["scope"]), expect)
+    with pytest.raises(GmemError, match="scope_weight needs training examples"):
+        label_scope([ex for ex in examples if ex.meta["kind"] != "locality"])
 
 
 def test_slot_spread_counts_equally_weighted_slots():

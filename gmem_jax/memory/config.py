@@ -133,6 +133,12 @@ class MemoryConfig:
       the read itself stop-gradiented already lost the binding: docs/results.md).
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
+    scope_weight: read_written_only only. Weight of a scope loss on the read: at every loss position of an example
+      whose batch carries `scope` (1: the question concerns what was written, 0: it does not, -1: unknown), the
+      binary cross-entropy of the read weight that lands on slots (head-averaged, 1 - the null's) against it.
+      The training data says which questions an edit concerns (ZsRE: all but locality; `train` labels them when
+      this is > 0), as SERAC's scope classifier and GRACE's deferral radius use it; without it a read that helps
+      every question's answer format stayed on the edit's slots for unrelated questions too (docs/results.md).
     """
 
     num_slots: int = 1024
@@ -167,6 +173,7 @@ class MemoryConfig:
     entropy_weight: float = 0.001
     sp_head: bool = False
     sp_weight: float = 1.0
+    scope_weight: float = 0.0
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -199,6 +206,9 @@ class MemoryConfig:
         if self.read_by_content and not self.read_written_only:
             raise GmemError("memory read_by_content needs read_written_only=True (an unwritten slot's content is 0, "
                             "which would match every query alike); set both")
+        if self.scope_weight and not self.read_written_only:
+            raise GmemError("memory scope_weight needs read_written_only=True (the scope loss trains the read weight "
+                            "on slots against the null slot's); set both, or scope_weight=0")
         if self.read_by_write_key and not (self.read_written_only and not self.read_by_content
                                            and self.gate == "update" and (self.mem_dim // self.num_heads) % 2 == 0):
             raise GmemError("memory read_by_write_key needs read_written_only=True, read_by_content=False, "

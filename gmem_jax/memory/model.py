@@ -164,7 +164,8 @@ def forward_segments(
     """Run a batch of segmented documents through the frozen backbone with memory.
 
     batch: tokens, labels [B, N, T] int; token_mask [B, N, T] bool; loss_mask [B, N, T] float; optional
-    reset [B, N] bool (start a fresh memory before segment k), features [B, N, T, H] and, with write_layer >= 0,
+    reset [B, N] bool (start a fresh memory before segment k), scope [B] float (memory.scope_weight: 1 / 0 / -1
+    the question concerns what was written / does not / unknown), features [B, N, T, H] and, with write_layer >= 0,
     write_features [B, N, T, H] (the frozen backbone's hidden states of each segment, `frozen_features`; with
     final injection they do not depend on the memory, so a trainer may compute them once, not at every step),
     sent_pos/sent_mask/sent_label [B, N, Ms] (with
@@ -233,7 +234,7 @@ def forward_segments(
         ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
                   usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=slot_spread(take_rows(alpha)),
-                  mass=take_rows(alpha).sum(-1))
+                  mass=take_rows(alpha).sum(-1), has_loss=w > 0)
         if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
         if sp:
@@ -270,6 +271,14 @@ def forward_segments(
                                                      batch["sent_mask"])
         metrics["sp_bce"] = bce_sum / jnp.maximum(bce_n, 1.0)
         loss = loss + mcfg.sp_weight * metrics["sp_bce"]
+    if mcfg.scope_weight and "scope" in batch:  # the read's weight on slots vs the null, against the label
+        scope = batch["scope"].astype(jnp.float32)  # [B]
+        valid = ys["has_loss"] & (scope >= 0)[None, :, None]  # [N, B, K]
+        m = jnp.clip(ys["mass"], 1e-6, 1.0 - 1e-6)
+        y = jnp.broadcast_to(scope[None, :, None], m.shape)
+        bce = -(y * jnp.log(m) + (1.0 - y) * jnp.log1p(-m))
+        metrics["scope_bce"] = jnp.where(valid, bce, 0.0).sum() / jnp.maximum(valid.sum(), 1)
+        loss = loss + mcfg.scope_weight * metrics["scope_bce"]
     metrics["loss"] = loss
     return SegmentOutputs(
         loss=loss, metrics=metrics, state=final_state,

@@ -89,7 +89,7 @@ def collate(examples: Sequence[SegmentedExample], *, pad_to: int | None = None) 
     max_sents], ..., 'prompt_len': int32 [B], 'example_mask': bool [B]}.
 
     Only arrays go in (the result can be fed to a jitted step as is); the metas stay on the host:
-    `[e.meta for e in examples]`. `pad_to` appends all-masked dummy examples (example_mask False, prompt_len 0)
+    `[e.meta for e in examples]`; a meta's 'in_scope' (bool) becomes 'scope' float32 [B] (1 / 0, -1 where absent). `pad_to` appends all-masked dummy examples (example_mask False, prompt_len 0)
     up to that batch size so a last partial batch keeps the static shape.
     """
     if not examples:
@@ -112,6 +112,9 @@ def collate(examples: Sequence[SegmentedExample], *, pad_to: int | None = None) 
         batch[field] = np.stack(arrs)
     batch["prompt_len"] = np.array([ex.prompt_len for ex in examples] + [0] * n_pad, np.int32)
     batch["example_mask"] = np.array([True] * len(examples) + [False] * n_pad)
+    if any("in_scope" in ex.meta for ex in examples):  # memory.scope_weight's label; -1 = unknown
+        batch["scope"] = np.array([float(ex.meta.get("in_scope", -1)) for ex in examples] + [-1.0] * n_pad,
+                                  np.float32)
     return batch
 
 

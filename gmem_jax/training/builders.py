@@ -162,7 +162,19 @@ def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: d
                                         batch_size=config.eval.batch_size)
     train = config.get("train", {})
     examples = weight_kinds(examples, train.get("kind_loss_weights", ""))
+    if config.get("memory", {}).get("scope_weight", 0.0):
+        examples = label_scope(examples)
     return first_loss_targets(examples, train.get("loss_targets", 0))
+
+
+def label_scope(examples: list[SegmentedExample]) -> list[SegmentedExample]:
+    """memory.scope_weight's labels: meta['in_scope'] is False for locality questions (about something the written
+    edit does not concern) and True for every other kind (reliability, generalization, portability)."""
+    if not any(ex.meta.get("kind") == "locality" for ex in examples):
+        raise GmemError("memory.scope_weight needs training examples with meta['kind'] ('locality' = out of scope), "
+                        "as ZsRE's counterfactual and distill recipes make; set memory.scope_weight=0 for this task")
+    return [dataclasses.replace(ex, meta=dict(ex.meta, in_scope=ex.meta.get("kind") != "locality"))
+            for ex in examples]
 
 
 def weight_kinds(examples: list[SegmentedExample], spec: str) -> list[SegmentedExample]:

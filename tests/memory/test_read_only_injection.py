@@ -187,3 +187,29 @@ def test_read_written_only_null_slot_decides_what_is_read():
     np.testing.assert_allclose(later, 1.0, rtol=1e-6)
     assert not np.asarray(open_.read_mass)[:, 0].any()
     assert not np.allclose(np.asarray(open_.segment_nll)[:, 1:], frozen_nll[:, 1:])
+
+
+def test_scope_loss_is_the_bce_of_the_read_weight_on_slots():
+    """memory.scope_weight: loss = the plain loss + weight * the mean, over the loss positions of labelled examples,
+    of -(y log m + (1 - y) log(1 - m)), m the read weight on slots (NumPy, from the returned read mass); unlabelled
+    examples (-1) and a batch without `scope` add nothing. An out-of-scope label pushes the null logit up."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _read_only(read_written_only=True, write_top_k=2, scope_weight=0.5)
+    mem = dict(perturbed_memory(cfg, mcfg), read_null=jnp.array([0.3, -0.2]))
+    b = jax.tree.map(jnp.asarray, random_batch(cfg))
+    plain = forward_segments(mem, frozen, b, cfg, mcfg)
+    out = forward_segments(mem, frozen, dict(b, scope=jnp.array([1.0, 0.0, -1.0])), cfg, mcfg)
+    m = np.clip(np.asarray(out.read_mass, np.float64), 1e-6, 1 - 1e-6)  # [B, N, K]
+    w = np.take_along_axis(np.asarray(b["loss_mask"]), np.asarray(out.positions), 2) > 0
+    y = np.broadcast_to(np.array([1.0, 0.0, -1.0])[:, None, None], m.shape)
+    valid = w & (y >= 0)
+    expect = (-(y * np.log(m) + (1 - y) * np.log1p(-m)))[valid].mean()
+    assert valid.sum() > 4 and (m[:, 1:][valid[:, 1:]] > 1e-3).all()  # later segments read written slots
+    np.testing.assert_allclose(float(out.metrics["scope_bce"]), expect, rtol=1e-5)
+    np.testing.assert_allclose(float(out.loss), float(plain.loss) + 0.5 * expect, rtol=1e-5)
+    assert "scope_bce" not in plain.metrics
+    only_out = dict(b, scope=jnp.array([-1.0, 0.0, -1.0]))
+    g = jax.grad(lambda p: forward_segments(p, frozen, only_out, cfg, mcfg).metrics["scope_bce"])(mem)
+    assert (np.asarray(g["read_null"]) < 0).all()
+    with pytest.raises(GmemError, match="scope_weight needs read_written_only"):
+        MemoryConfig(write_attention="keyed", inject_read_only=True, scope_weight=1.0)
