@@ -62,9 +62,9 @@ class MemoryConfig:
       written memory does not concern. Needs token_gate=True.
     inject_read_only: final injection, keyed write only. The injection adds only what was read, h' = h + W_r r
       (no W_h h + b term, which moves every answer whatever the memory holds: EasyEdit locality 68% reading the
-      edit's memory, 70% reading the unwritten slot bank, docs/results.md); the memory starts empty (zeros, no learned slot
-      bank) and the decoder has neither biases nor a LayerNorm (which would rescale a faint read to full size), so
-      D(0) = 0. A read that lands on unwritten slots thus injects exactly nothing, one that lands faintly on
+      edit's memory, 70% reading the unwritten slot bank, docs/results.md); the memory starts empty (zeros, no
+      learned slot bank) and the decoder has neither biases nor a LayerNorm (which would rescale a faint read to
+      full size), so D(0) = 0. A read that lands on unwritten slots thus injects exactly nothing, one that lands faintly on
       written ones injects little, and the no-memory ablation is exactly the frozen model. With token_gate the
       gate scales W_r r; later_read_map's W_l (or its MLP, bias-free too) adds to it. Measured on ZsRE (SmolLM2,
       keyed write, 900 steps): locality 74.8% (67.8% without it) but 0.6% of edits answered (8.9%): the read stays

@@ -89,8 +89,9 @@ def collate(examples: Sequence[SegmentedExample], *, pad_to: int | None = None) 
     max_sents], ..., 'prompt_len': int32 [B], 'example_mask': bool [B]}.
 
     Only arrays go in (the result can be fed to a jitted step as is); the metas stay on the host:
-    `[e.meta for e in examples]`; a meta's 'in_scope' (bool) becomes 'scope' float32 [B] (1 / 0, -1 where absent). `pad_to` appends all-masked dummy examples (example_mask False, prompt_len 0)
-    up to that batch size so a last partial batch keeps the static shape.
+    `[e.meta for e in examples]`; a meta's 'in_scope' (bool) becomes 'scope' float32 [B] (1 / 0, -1 where absent).
+    `pad_to` appends all-masked dummy examples (example_mask False, prompt_len 0) up to that batch size so a last
+    partial batch keeps the static shape.
     """
     if not examples:
         raise GmemError("collate got no examples; pass at least one SegmentedExample")
