@@ -234,7 +234,9 @@ def forward_segments(
         ys = dict(nll=(nll * w).sum(-1), tokens=w.sum(-1), correct=correct.sum(-1), pred=pred, pos=pos,
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
                   usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=slot_spread(take_rows(alpha)),
-                  mass=take_rows(alpha).sum(-1), has_loss=w > 0)
+                  mass=take_rows(alpha).sum(-1))
+        if mcfg.scope_weight:  # which read positions the scope loss counts
+            ys["has_loss"] = w > 0
         if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
         if sp:
