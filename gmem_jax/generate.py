@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer):
-    """(hooks, hook_state) that make generation read a memory holding --context, or (None, None)."""
+def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer, prompt_tokens, prompt_mask):
+    """(hooks, hook_state) that make generation of prompt_tokens/prompt_mask [1, P] read a memory holding
+    --context, or (None, None)."""
     if args.memory_checkpoint is None:
         if args.context is not None:
             raise GmemError("--context needs --memory-checkpoint (a trained memory to write it into)")
@@ -49,7 +50,7 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer):
     import numpy as np
 
     from gmem_jax.training.checkpoint import load_exported_memory
-    from gmem_jax.memory.model import initial_state, write_context
+    from gmem_jax.memory.model import initial_state, prompt_query, write_context
     from gmem_jax.training.evaluation import generation_hooks
 
     mem_params, mcfg = load_exported_memory(Path(args.memory_checkpoint), cfg)
@@ -64,6 +65,9 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer):
         state = jax.jit(write_context, static_argnums=(4, 5))(mem_params, params, tokens, mask, cfg, mcfg)
     else:
         state = initial_state(mem_params, cfg, mcfg, 1)
+    if mcfg.scope_gate:  # the question the scope gate matches with what was written
+        query = jax.jit(prompt_query, static_argnums=(3,))(params, prompt_tokens, prompt_mask, cfg)
+        return generation_hooks(cfg, mcfg), (mem_params, state, query)
     return generation_hooks(cfg, mcfg), (mem_params, state)
 
 
@@ -85,8 +89,8 @@ def run(args: argparse.Namespace) -> dict:
     from gmem_jax.generation import generate
 
     cfg, params, tokenizer = load_model(args)
-    hooks, hook_state = memory_for_generation(args, cfg, params, tokenizer)
     tokens, mask = encode_left_padded(tokenizer, [args.prompt])
+    hooks, hook_state = memory_for_generation(args, cfg, params, tokenizer, tokens, mask)
     result = generate(params, cfg, tokens, mask, max_new_tokens=args.max_new_tokens,
                       rng=jax.random.key(args.seed), temperature=args.temperature, top_p=args.top_p,
                       hooks=hooks, hook_state=hook_state)

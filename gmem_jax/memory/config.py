@@ -133,12 +133,21 @@ class MemoryConfig:
       the read itself stop-gradiented already lost the binding: docs/results.md).
     sparsity_weight/entropy_weight: the paper's composite loss CE + a*mean|s| - b*H(s/sum s).
     sp_weight: weight of the supporting-fact BCE (HotpotQA); the sentence head exists only when sp_head.
-    scope_weight: read_written_only only. Weight of a scope loss on the read: at every loss position of an example
+    scope_weight: read_written_only or scope_gate only. Weight of a scope loss: at every loss position of an example
       whose batch carries `scope` (1: the question concerns what was written, 0: it does not, -1: unknown), the
-      binary cross-entropy of the read weight that lands on slots (head-averaged, 1 - the null's) against it.
+      binary cross-entropy against it of the scope gate g (scope_gate) or else of the read weight that lands on
+      slots (head-averaged, 1 - the null's).
       The training data says which questions an edit concerns (ZsRE: all but locality; `train` labels them when
       this is > 0), as SERAC's scope classifier and GRACE's deferral radius use it; without it a read that helps
       every question's answer format stayed on the edit's slots for unrelated questions too (docs/results.md).
+    scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
+      of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
+      the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
+      q the segment's prompt summarised the same way, a and c learned (initial values scope_gate_scale and
+      scope_gate_bias); g = 0 while nothing is written, so an empty memory is exactly the frozen model. A scope
+      decision from pooled features, SERAC-style: the untrained cosine of such vectors separates ZsRE questions
+      about the written edit from unrelated ones (docs/analysis/zsre_scope_probe.py), which no token-level read
+      learned to do. Generation passes the prompt's mean final hidden state (`prompt_query`).
     """
 
     num_slots: int = 1024
@@ -174,6 +183,9 @@ class MemoryConfig:
     sp_head: bool = False
     sp_weight: float = 1.0
     scope_weight: float = 0.0
+    scope_gate: bool = False
+    scope_gate_scale: float = 10.0
+    scope_gate_bias: float = -5.0
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -206,9 +218,12 @@ class MemoryConfig:
         if self.read_by_content and not self.read_written_only:
             raise GmemError("memory read_by_content needs read_written_only=True (an unwritten slot's content is 0, "
                             "which would match every query alike); set both")
-        if self.scope_weight and not self.read_written_only:
-            raise GmemError("memory scope_weight needs read_written_only=True (the scope loss trains the read weight "
-                            "on slots against the null slot's); set both, or scope_weight=0")
+        if self.scope_weight and not (self.read_written_only or self.scope_gate):
+            raise GmemError("memory scope_weight needs read_written_only=True or scope_gate=True (what the scope loss "
+                            "trains: the read weight on slots, or the scope gate); set one, or scope_weight=0")
+        if self.scope_gate and not (self.injection == "final" and self.standardize_inputs and not self.token_gate):
+            raise GmemError("memory scope_gate needs injection='final' (the gate pools the whole prompt), "
+                            "standardize_inputs=True (its cosine uses the read side's statistics) and token_gate=False")
         if self.read_by_write_key and not (self.read_written_only and not self.read_by_content
                                            and self.gate == "update" and (self.mem_dim // self.num_heads) % 2 == 0):
             raise GmemError("memory read_by_write_key needs read_written_only=True, read_by_content=False, "

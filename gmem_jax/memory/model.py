@@ -35,7 +35,7 @@ EXTRACT_NAME = "memory_extract"
 class SegmentOutputs(NamedTuple):
     loss: jax.Array  # scalar: the composite objective
     metrics: dict  # scalars: loss, ce, sparsity, entropy, sp_bce, accuracy, tokens, gate_open, read_gate
-    state: jax.Array  # [B, S, M] memory after the last segment
+    state: jax.Array  # [B, S, M] memory after the last segment ([B, S + 1, M] with memory.scope_gate)
     per_example: dict  # nll_sum, tokens, correct: [B] each (teacher-forced, over loss positions)
     segment_nll: jax.Array  # [B, N] summed NLL of each segment's loss positions
     predictions: jax.Array  # [B, N, K] argmax token at each loss position (K = T or loss_positions)
@@ -76,17 +76,19 @@ def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, bat
 
 def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig,
                  frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
-                 later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None) -> dict:
+                 later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
+                 scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
     None). Pass `frozen` where the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the
     write's source (see `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
-    [B, T]): see `GMemory._inject`; `content_state`: see `GMemory.read_and_inject`."""
+    [B, T]): see `GMemory._inject`; `content_state`, `scope_mask` [B, T] / `scope_query` [B, H] (memory.scope_gate:
+    the prompt, or its mean final hidden state, `prompt_query`): see `GMemory.read_and_inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
         h_out, alpha, gate = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later,
-                                   content_state)
+                                   content_state, scope_mask, scope_query)
         return h_out, (h, alpha, gate)
 
     if mcfg.injection != "final":
@@ -142,11 +144,24 @@ def later_in_generation(mcfg: MemoryConfig, decode_step: jax.Array) -> Optional[
     return decode_step >= mcfg.read_grad_targets if mcfg.later_read_map else None
 
 
+def _prompt_mask(token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """[B, T] True on a segment's prompt: its real tokens up to the first one with a loss (which predicts the first
+    answer target), all of them in a segment without loss; what generation's prefill sees of a question."""
+    return token_mask & ((jnp.cumsum(loss_mask, -1) - loss_mask) == 0)
+
+
 def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean hidden state over the prompt of a (last) segment: real tokens before the first answer target.
-    h [B, T, H] -> [B, H]."""
-    before_answer = (jnp.cumsum(loss_mask, -1) - loss_mask) == 0
-    w = (token_mask & before_answer).astype(jnp.float32)
+    """Mean hidden state over the prompt of a (last) segment: h [B, T, H] -> [B, H]."""
+    w = _prompt_mask(token_mask, loss_mask).astype(jnp.float32)
+    return (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+
+
+def prompt_query(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig) -> jax.Array:
+    """memory.scope_gate's question for generation: the mean final hidden state of the frozen backbone over the
+    prompt's real tokens, tokens/token_mask [B, P] -> [B, H] (`memory_hooks(scope_query=)`), which is what
+    training pools at the same positions."""
+    h = frozen_features(frozen, tokens, token_mask, cfg)["features"]
+    w = token_mask.astype(jnp.float32)
     return (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
 
 
@@ -198,14 +213,16 @@ def forward_segments(
         state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry)
         detach = _later_targets(lmask, mcfg.read_grad_targets)
         hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
-                             content_state)
+                             content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None)
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
             h_ext, alpha, read_gate = write_source(out, mcfg)
+            h_final = out.final_aux[0] if mcfg.injection == "final" else None  # the final hook's input
         else:  # the frozen backbone's output was computed once, ahead of training (final injection only)
             hidden, (h_ext, alpha, read_gate) = hooks["final_hook"](feat["read"])
             h_ext = feat["write"] if mcfg.write_layer >= 0 else h_ext
+            h_final = feat["read"]
         pos = _loss_positions(lmask, K)  # [B, K]
         take = lambda x: jnp.take_along_axis(x, pos, axis=1)  # noqa: E731  [B, T] -> [B, K]
         take_rows = lambda x: jnp.take_along_axis(x, pos[..., None], axis=1)  # noqa: E731  [B, T, D] -> [B, K, D]
@@ -220,10 +237,11 @@ def forward_segments(
         w = take(lmask).astype(jnp.float32)
         correct = (pred == take(lab)).astype(jnp.float32) * w
         if use_memory:
-            new_state, z = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override)
+            new_state, z = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override, False,
+                                 h_final)
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
-                                         gate_override, True)
+                                         gate_override, True, h_final)
             if mcfg.bptt_depth:
                 cut = (k + 1) % mcfg.bptt_depth == 0  # truncated BPTT: no gradient into older segments
                 new_state, content_state = (None if x is None else jnp.where(cut, jax.lax.stop_gradient(x), x)
@@ -237,8 +255,10 @@ def forward_segments(
                   mass=take_rows(alpha).sum(-1))
         if mcfg.scope_weight:  # which read positions the scope loss counts
             ys["has_loss"] = w > 0
-        if read_gate is not None:  # memory.token_gate: how much of the read the answer positions let through
+        if read_gate is not None:  # memory.token_gate / scope_gate: how much the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
+        if mcfg.scope_gate:  # with its gradient, for the scope loss
+            ys["scope_p"] = take(read_gate)
         if sp:
             ys["sent_h"] = jnp.take_along_axis(hidden, spos[..., None], axis=1)  # [B, Ms, H]
             ys["question"] = _question_vector(hidden, msk, lmask)
@@ -273,10 +293,10 @@ def forward_segments(
                                                      batch["sent_mask"])
         metrics["sp_bce"] = bce_sum / jnp.maximum(bce_n, 1.0)
         loss = loss + mcfg.sp_weight * metrics["sp_bce"]
-    if mcfg.scope_weight and "scope" in batch:  # the read's weight on slots vs the null, against the label
+    if mcfg.scope_weight and "scope" in batch:  # the scope gate, or the read's weight on slots, against the label
         scope = batch["scope"].astype(jnp.float32)  # [B]
         valid = ys["has_loss"] & (scope >= 0)[None, :, None]  # [N, B, K]
-        m = jnp.clip(ys["mass"], 1e-6, 1.0 - 1e-6)
+        m = jnp.clip(ys["scope_p"] if mcfg.scope_gate else ys["mass"], 1e-6, 1.0 - 1e-6)
         y = jnp.broadcast_to(scope[None, :, None], m.shape)
         bce = -(y * jnp.log(m) + (1.0 - y) * jnp.log1p(-m))
         metrics["scope_bce"] = jnp.where(valid, bce, 0.0).sum() / jnp.maximum(valid.sum(), 1)
@@ -352,9 +372,10 @@ def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask:
     def seg_step(state, xs):
         tok, msk = xs
         out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
-                               **memory_hooks(mem_params, state, cfg, mcfg, frozen))
+                               **memory_hooks(mem_params, state, cfg, mcfg, frozen, scope_mask=msk))
         h_ext, _, _ = write_source(out, mcfg)
-        return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk)[0], None
+        h_final = out.final_aux[0] if mcfg.injection == "final" else None
+        return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, None, False, h_final)[0], None
 
     state, _ = jax.lax.scan(seg_step, state, (jnp.swapaxes(tokens, 0, 1), jnp.swapaxes(token_mask, 0, 1)))
     return state

@@ -31,9 +31,14 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
                         with later_read_hidden = k > 0 they add L(sg(alpha Mem)) instead, L an MLP M -> k -> H of
                         their own whose output layer is 0 at init;
                         inject_read_only: h' = h + W_r r, from an all-zero initial memory through a decoder with
-                        no biases or LayerNorm, so reading nothing written injects exactly nothing)
+                        no biases or LayerNorm, so reading nothing written injects exactly nothing;
+                        scope_gate: h' = h + g (the whole update), one g per example and segment, below)
              residual: h' = h + g * r, g [H] = 0 at init
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
+    scope_gate: the state gains a row [B, S + 1, M] holding u = sum over written segments of unit(P x_seg), x_seg the
+             segment's standardised mean final hidden state (P: H -> M, no bias); a segment whose question vector
+             q = unit(P x_q) (mean over its prompt) has g = sigmoid(a cos(q, u) + c), a and c learned scalars, and
+             g = 0 while nothing is written (the frozen model exactly)
 """
 from __future__ import annotations
 
@@ -122,6 +127,10 @@ class GMemory(nn.Module):
                 self.inject_later = nn.Dense(H, dtype=dt, use_bias=False, kernel_init=nn.initializers.zeros)
         else:
             self.inject_gate = self.param("inject_gate", nn.initializers.zeros, (H,))
+        if c.scope_gate:  # a pooled summary of what was written, matched with the question's (see the module doc)
+            self.scope_proj = nn.Dense(M, use_bias=False, dtype=dt)
+            self.scope_scale = self.param("scope_scale", nn.initializers.constant(c.scope_gate_scale), ())
+            self.scope_bias = self.param("scope_bias", nn.initializers.constant(c.scope_gate_bias), ())
         if c.sp_head:
             self.sp_sentence = nn.Dense(M, dtype=dt)
             self.sp_question = nn.Dense(M, dtype=dt)
@@ -130,14 +139,48 @@ class GMemory(nn.Module):
     # ---- state -------------------------------------------------------------------------------------------
     def initial_state(self, batch: int) -> jax.Array:
         """The learned slot bank broadcast to [B, S, M]: every document starts from the same memory (all zeros
-        with memory.inject_read_only)."""
-        if self.cfg.inject_read_only:
-            return jnp.zeros((batch, self.cfg.num_slots, self.cfg.mem_dim), jnp.float32)
-        return jnp.broadcast_to(self.slots.astype(jnp.float32), (batch,) + self.slots.shape)
+        with memory.inject_read_only); with memory.scope_gate a zero summary row follows, [B, S + 1, M]."""
+        c = self.cfg
+        if c.inject_read_only:
+            slots = jnp.zeros((batch, c.num_slots, c.mem_dim), jnp.float32)
+        else:
+            slots = jnp.broadcast_to(self.slots.astype(jnp.float32), (batch,) + self.slots.shape)
+        if c.scope_gate:
+            return jnp.concatenate([slots, jnp.zeros((batch, 1, c.mem_dim), jnp.float32)], 1)
+        return slots
+
+    def split_summary(self, state: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+        """state -> (slots [B, S, M], the written segments' summary u [B, M] with memory.scope_gate, else None)."""
+        if not self.cfg.scope_gate:
+            return state, None
+        return state[:, :-1], state[:, -1]
 
     def importance(self, state: jax.Array) -> jax.Array:
-        """Per-slot importance s in (0, 1): [B, S, M] -> [B, S]."""
-        return jax.nn.sigmoid(self.importance_mlp(state)[..., 0].astype(jnp.float32))
+        """Per-slot importance s in (0, 1): [B, S(+1), M] -> [B, S]."""
+        return self._slot_importance(self.split_summary(state)[0])
+
+    def _slot_importance(self, slots: jax.Array) -> jax.Array:
+        """`importance` of slots [B, S, M] already split from any summary row."""
+        return jax.nn.sigmoid(self.importance_mlp(slots)[..., 0].astype(jnp.float32))
+
+    def scope_vector(self, h: jax.Array, mask: jax.Array) -> jax.Array:
+        """unit(P x), x the standardised mean of h [B, T, H] over mask [B, T] (read-side statistics: the final
+        hidden states on both sides) -> [B, M]. Mean-pooled, because the frozen model's pooled features tell a
+        question its edit from another (docs/analysis/zsre_scope_probe.py) where no token-level read learned to."""
+        w = mask.astype(jnp.float32)
+        x = (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+        mean, inv_std = self.input_stats["read"]
+        z = self.scope_proj(((x - mean) * inv_std).astype(self.cfg.dtype)).astype(jnp.float32)
+        return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True), 1e-12))
+
+    def scope_gate_value(self, state: jax.Array, query: jax.Array) -> jax.Array:
+        """The scope gate g [B] from state [B, S + 1, M] and the question's `scope_vector` [B, M]: sigmoid(a cos + c)
+        of the question with the written summary, exactly 0 while nothing has been written."""
+        _, u = self.split_summary(state)
+        n2 = jnp.sum(u * u, -1)
+        cos = jnp.sum(query * u, -1) * jax.lax.rsqrt(jnp.maximum(n2, 1e-12))
+        g = jax.nn.sigmoid(self.scope_scale * cos + self.scope_bias)
+        return jnp.where(n2 > 0, g, 0.0)
 
     def encode(self, h: jax.Array, side: str = "read") -> jax.Array:
         """E(h): [B, T, H] -> [B, T, M]; `side` ("read" / "write") picks the input statistics."""
@@ -209,7 +252,7 @@ class GMemory(nn.Module):
         return a, strength.mean(1)
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
-              content_only: bool = False):
+              content_only: bool = False, summary_h: Optional[jax.Array] = None):
         """Consolidate a segment into memory.
 
         state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]).
@@ -218,8 +261,12 @@ class GMemory(nn.Module):
         for write_attention="tokens"): the same values, but which slot gets what and how much of it (the
         token-to-slot shares, the gates) are gradient constants, so a loss through this state trains only what is
         stored (values, output map, GRU candidate, the encoder through them).
+        summary_h [B, T, H] (memory.scope_gate): the segment's final hidden states, pooled into the summary row.
         """
         c = self.cfg
+        state, summary = self.split_summary(state)
+        if summary is not None and summary_h is None:
+            raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass summary_h=")
         x = self.encode(h, "write")
         if c.write_attention == "tokens":
             attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
@@ -241,7 +288,11 @@ class GMemory(nn.Module):
             cand = jnp.tanh(self.candidate(jnp.concatenate([reset * state, a], -1).astype(c.dtype)).astype(jnp.float32))
         else:
             cand = a
-        return z * cand + (1.0 - z) * state, z
+        new = z * cand + (1.0 - z) * state
+        if summary is not None:  # a segment with no real tokens adds nothing (front padding)
+            add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(summary_h, mask), 0.0)
+            new = jnp.concatenate([new, (summary + add)[:, None]], 1)
+        return new, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
     def _read_weights(self, state: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -251,7 +302,7 @@ class GMemory(nn.Module):
         uniform; otherwise None)."""
         c = self.cfg
         x = self.encode(h)
-        bias = jnp.log(self.importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
+        bias = jnp.log(self._slot_importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
         if c.write_attention == "keyed":  # per head: match the slots' addresses
             q = self._split_heads(self.read_q(x))  # [B, T, nh, d]
             if c.read_by_content:  # match what each slot holds, [B, S, nh, d]
@@ -290,6 +341,7 @@ class GMemory(nn.Module):
 
     def _retrieve(self, state: jax.Array, h: jax.Array):
         """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S], match [B, T])."""
+        state, _ = self.split_summary(state)
         weights, match = self._read_weights(state, h)
         alpha = weights.mean(2) if weights.ndim == 4 else weights
         return self._gather(weights, state), weights, alpha, match
@@ -300,23 +352,36 @@ class GMemory(nn.Module):
         return self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32), alpha
 
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
-                        later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None):
+                        later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
+                        scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None):
         """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S], the
-        token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate).
+        token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate; with
+        memory.scope_gate instead the scope gate broadcast to [B, T], with its gradient, for the scope loss).
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
-        `detach` tokens then read it with constant read weights instead of having their read stop-gradiented."""
+        `detach` tokens then read it with constant read weights instead of having their read stop-gradiented.
+        memory.scope_gate: the question vector is the mean of h over scope_mask [B, T] (the segment's prompt), or
+        given pooled as scope_query [B, H] (generation, where a decode step sees one token)."""
         retrieved, weights, alpha, match = self._retrieve(state, h)
+        scope = None
+        if self.cfg.scope_gate:
+            if scope_query is not None:
+                query = self.scope_vector(scope_query[:, None], jnp.ones(scope_query.shape[:1] + (1,), bool))
+            elif scope_mask is not None:
+                query = self.scope_vector(h, scope_mask)
+            else:
+                raise GmemError("memory scope_gate needs the question's prompt: pass scope_mask= or scope_query=")
+            scope = jnp.broadcast_to(self.scope_gate_value(state, query)[:, None], h.shape[:2])
         own_source = None
         if content_state is not None:  # content_state has state's values, so the same weights, held constant
-            content = self._gather(jax.lax.stop_gradient(weights), content_state)
+            content = self._gather(jax.lax.stop_gradient(weights), self.split_summary(content_state)[0])
             if self.cfg.later_read_map:  # the later targets reach the content through their own decoder only
                 own_source = content
             else:
                 retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
                 detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
-        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source, match)
-        return h_out, alpha, gate
+        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source, match, scope)
+        return h_out, alpha, (scope if scope is not None else gate)
 
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
                later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
@@ -326,8 +391,8 @@ class GMemory(nn.Module):
 
     def _inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,
                 later: Optional[jax.Array] = None, retrieved: Optional[jax.Array] = None,
-                own_source: Optional[jax.Array] = None,
-                match: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[jax.Array]]:
+                own_source: Optional[jax.Array] = None, match: Optional[jax.Array] = None,
+                scope: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[jax.Array]]:
         """Fuse what was read into the hidden states: h, r [B, T, H] -> [B, T, H] (identity at initialisation).
         `detach` [B, T] bool (final injection; memory.read_grad_targets): at these tokens what the read adds is a
         gradient constant, so their loss trains only the injection's map of h (W_h h + b) and the token gate, nothing
@@ -336,7 +401,7 @@ class GMemory(nn.Module):
         L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder; `own_source` [B, T, M],
         from `read_and_inject` with later_train_content, replaces sg(retrieved) there: equal values, but gradient to
         what the memory stores). `match` [B, T] (memory.token_gate_match): the read's match score from
-        `_read_weights`, a third gate input. Returns (h', the token gate [B, T] stop-gradiented, or None without
+        `_read_weights`, a third gate input. `scope` [B, T] (memory.scope_gate) scales the whole update. Returns (h', the token gate [B, T] stop-gradiented, or None without
         token_gate)."""
         token_gate = None
         if self.cfg.injection == "final":
@@ -373,6 +438,8 @@ class GMemory(nn.Module):
                 update = gate * (from_h + from_r)
             else:
                 update = from_h + gate * from_r
+            if scope is not None:
+                update = scope[..., None] * update
             out = h.astype(jnp.float32) + update.astype(jnp.float32)
         else:
             out = h.astype(jnp.float32) + self.inject_gate * r
@@ -389,8 +456,8 @@ class GMemory(nn.Module):
     def __call__(self, h: jax.Array, mask: jax.Array):
         """Touches every parameter (used by init): h [B, T, H], mask [B, T]."""
         state = self.initial_state(h.shape[0])
-        h_out, _, _ = self.read_and_inject(state, h)
-        state, _ = self.write(state, h, mask)
+        h_out, _, _ = self.read_and_inject(state, h, scope_mask=mask)
+        state, _ = self.write(state, h, mask, summary_h=h)
         out = h_out, self.importance(state)
         if self.cfg.sp_head:
             out = out + (self.sentence_scores(h, h[:, 0]),)

@@ -21,7 +21,7 @@ from gmem_jax.backbones import forward
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import (forward_segments, initial_state, later_in_generation, memory_hooks,
-                                   slot_spread, write_context)
+                                   prompt_query, slot_spread, write_context)
 from gmem_jax.tasks.base import SegmentedExample, collate
 from gmem_jax.tasks.hotpotqa import supporting_facts_from_scores
 from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
@@ -30,11 +30,13 @@ from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
 @functools.lru_cache(maxsize=None)
 def generation_hooks(cfg: BackboneConfig, mcfg: MemoryConfig):
     """The static `hooks` callable for `generation.generate`: one object per (cfg, mcfg), so no recompiles.
-    hook_state = (memory params, memory state [B, S, M])."""
+    hook_state = (memory params, memory state [B, S, M]) or, with memory.scope_gate, (memory params, state,
+    `prompt_query` of the prompt [B, H])."""
 
     def hooks(hook_state, decode_step):
-        mem_params, state = hook_state
-        return memory_hooks(mem_params, state, cfg, mcfg, later=later_in_generation(mcfg, decode_step))
+        mem_params, state, *query = hook_state
+        return memory_hooks(mem_params, state, cfg, mcfg, later=later_in_generation(mcfg, decode_step),
+                            scope_query=query[0] if query else None)
 
     return hooks
 
@@ -54,6 +56,9 @@ def _memory_pass(mem_params, frozen, batch, cfg, mcfg, use_memory):
         last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in batch.items()}
         out = forward_segments(mem_params, frozen, last, cfg, mcfg, use_memory=use_memory, state=state)
     return out.predictions[:, -1], out.positions[:, -1], out.sp_logits, state
+
+
+_prompt_query = jax.jit(prompt_query, static_argnums=(3,))
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -104,6 +109,8 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             hit, weight, sp_logits = preds == last_labels, last_loss, None
             hooks = hook_state = None
         prompt, prompt_mask = _left_padded_prompts(batch)
+        if mem_params is not None and mcfg.scope_gate:  # a decode step sees one token: pool the prompt up front
+            hook_state = hook_state + (_prompt_query(frozen, prompt, prompt_mask, cfg),)
         result = generation.generate(frozen, cfg, prompt, prompt_mask, max_new_tokens=max_new_tokens,
                                      eos_ids=() if eos is None else (int(eos),), hooks=hooks, hook_state=hook_state)
         new_tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
@@ -186,7 +193,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         partner = other_context(np.asarray(batch["tokens"][:, :-1]))
         states = {"own": state, "other": state[np.where(partner >= 0, partner, np.arange(len(chunk)))],
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
-        change = jnp.linalg.norm(state - states["empty"], axis=-1)  # [B, S]
+        change = jnp.linalg.norm(state - states["empty"], axis=-1)[:, :mcfg.num_slots]  # [B, S], no summary row
         total = change.sum(-1, keepdims=True)
         written.append(np.asarray(slot_spread(change)))
         preds, spreads, masses = {}, {}, {}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gmem_jax import generation
-from gmem_jax.memory.model import forward_segments, write_context
+from gmem_jax.memory.model import forward_segments, prompt_query, write_context
 from gmem_jax.training.checkpoint import export_params
 from gmem_jax.training.evaluation import generation_hooks
 
@@ -32,6 +32,18 @@ def test_greedy_decoding_reads_only_written_slots_like_the_segment_loop(address)
                         read_by_write_key=address == "write_key")
     mem = perturbed_memory(cfg, mcfg, scale=1.0)
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, dict(mem, read_null=jnp.array([0.5, -0.5])))
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_greedy_decoding_with_a_scope_gate_matches_the_segment_loop(read_only):
+    """memory.scope_gate: generation pools the prompt up front (`prompt_query`), training pools the same positions
+    of the teacher-forced segment (before its first loss target), so the gate and the tokens agree; a gate that
+    also pooled the answer tokens would not."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", standardize_inputs=True, scope_gate=True,
+                        inject_read_only=read_only)
+    mem = dict(perturbed_memory(cfg, mcfg, scale=1.0), scope_scale=jnp.float32(4.0), scope_bias=jnp.float32(0.0))
+    assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem)
 
 
 @pytest.mark.parametrize("n, hidden", [(1, 0), (3, 16)])
@@ -59,8 +71,11 @@ def assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem):
     ctx_tokens, ctx_mask = b["tokens"][:, : N - 1], b["token_mask"][:, : N - 1]
     state = jax.jit(write_context, static_argnums=(4, 5))(mem, frozen, ctx_tokens, ctx_mask, cfg, mcfg)
     prompt = b["tokens"][:, -1, :P]
+    hook_state = (mem, state)
+    if mcfg.scope_gate:
+        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones((B, P), bool), cfg),)
     gen = generation.generate(frozen, cfg, prompt, np.ones((B, P), bool), max_new_tokens=G, eos_ids=(),
-                              hooks=generation_hooks(cfg, mcfg), hook_state=(mem, state))
+                              hooks=generation_hooks(cfg, mcfg), hook_state=hook_state)
     new = np.asarray(gen.tokens)
     # The last segment = prompt + generated tokens; loss positions P-1 .. P+G-2 predict the generated tokens.
     last = np.zeros((B, T), np.int32)
