@@ -287,3 +287,36 @@ def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(share
     expected = float((np.asarray(preds) == ref)[w].mean())
     assert expected < 1.0  # the randomised injection moves some locality answers: the check can fail
     assert rel["locality_agreement_own"] == pytest.approx(expected)
+
+
+def test_memory_reliance_reports_the_scope_gate(shared_data, gpt2_tok, model):
+    """memory.scope_gate: the probe's scope_gate_own / _other are the answer-token means of g, which equals the
+    module's gate computed from the question's pooled prompt (`prompt_query`) and the own / other memory; and the
+    whole predict path (generation with the prompt pooled up front) runs."""
+    from gmem_jax.memory.model import prompt_query, write_context
+    from gmem_jax.memory.modules import GMemory
+    from gmem_jax.tasks.base import collate
+    from gmem_jax.training.evaluation import memory_reliance, other_context
+
+    cfg, frozen, _, _ = model
+    mcfg = MemoryConfig(num_slots=8, mem_dim=16, num_heads=2, standardize_inputs=True, scope_gate=True)
+    mem = dict(init_memory(jax.random.PRNGKey(1), cfg, mcfg), scope_scale=jnp.float32(3.0), scope_bias=jnp.float32(0.0))
+    task = get_task("zsre", source=str(shared_data / "zsre" / "zsre_mend_edit_837.json"))
+    examples = task.examples("dev", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=8)
+    rel = memory_reliance(examples, frozen, cfg, mem, mcfg, batch_size=len(examples))  # one batch: same partners
+    batch = {k: v for k, v in collate(examples).items() if k != "example_mask"}
+    state = write_context(mem, frozen, batch["tokens"][:, :-1], batch["token_mask"][:, :-1], cfg, mcfg)
+    tokens, tmask, lmask = batch["tokens"][:, -1], batch["token_mask"][:, -1], batch["loss_mask"][:, -1]
+    prompt = tmask & ((np.cumsum(lmask, -1) - lmask) == 0)
+    module = GMemory(mcfg, cfg.hidden_size)
+    q = module.apply({"params": mem}, jnp.asarray(prompt_query(frozen, tokens, prompt, cfg))[:, None],
+                     jnp.ones((len(examples), 1), bool), method=GMemory.scope_vector)
+    n = (lmask > 0).sum(-1)  # answer tokens per example
+    partner = other_context(np.asarray(batch["tokens"][:, :-1]))
+    for name, s in (("own", state), ("other", state[partner])):
+        g = np.asarray(module.apply({"params": mem}, s, q, method=GMemory.scope_gate_value))
+        assert 0.01 < g.min() and g.max() < 0.99
+        assert rel[f"scope_gate_{name}"] == pytest.approx(float((g * n).sum() / n.sum()), rel=1e-5)
+    preds = predict(examples[:4], gpt2_tok, frozen, cfg, mem_params=mem, mcfg=mcfg, batch_size=4, max_new_tokens=3,
+                    show_progress=False)
+    assert len(preds) == 4

@@ -45,6 +45,7 @@ class SegmentOutputs(NamedTuple):
     sp_logits: Optional[jax.Array]  # [B, N, max_sents] supporting-fact logits (sp_head only)
     slot_usage: jax.Array  # [S] mean read weight per slot
     gate_mean: jax.Array  # [S] mean update-gate openness per slot
+    scope_gate: Optional[jax.Array] = None  # [B, N] the scope gate g of each segment (memory.scope_gate only)
 
 
 def memory_module(cfg: BackboneConfig, mcfg: MemoryConfig) -> GMemory:
@@ -257,8 +258,8 @@ def forward_segments(
             ys["has_loss"] = w > 0
         if read_gate is not None:  # memory.token_gate / scope_gate: how much the answer positions let through
             ys["read_gate"] = (take(read_gate) * w).sum(-1)
-        if mcfg.scope_gate:  # with its gradient, for the scope loss
-            ys["scope_p"] = take(read_gate)
+        if mcfg.scope_gate:  # with its gradient, for the scope loss; one g per segment
+            ys["scope_p"], ys["scope_g"] = take(read_gate), read_gate[:, 0]
         if sp:
             ys["sent_h"] = jnp.take_along_axis(hidden, spos[..., None], axis=1)  # [B, Ms, H]
             ys["question"] = _question_vector(hidden, msk, lmask)
@@ -309,6 +310,7 @@ def forward_segments(
         positions=jnp.swapaxes(ys["pos"], 0, 1), read_spread=jnp.swapaxes(ys["spread"], 0, 1),
         read_mass=jnp.swapaxes(ys["mass"], 0, 1),
         sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
+        scope_gate=jnp.swapaxes(ys["scope_g"], 0, 1) if mcfg.scope_gate else None,
     )
 
 

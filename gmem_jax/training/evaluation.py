@@ -131,10 +131,11 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
 def _last_segment_predictions(mem_params, frozen, batch, state, cfg, mcfg):
     """Teacher-forced predictions, their positions, the slots each position's read spans and the read weight that
     landed on slots (not the null slot of memory.read_written_only), [B, K] each, of the last segment reading
-    `state` [B, S, M]."""
+    `state` [B, S, M]; and its scope gate [B] (memory.scope_gate; else None)."""
     last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in batch.items()}
     out = forward_segments(mem_params, frozen, last, cfg, mcfg, state=state)
-    return out.predictions[:, -1], out.positions[:, -1], out.read_spread[:, -1], out.read_mass[:, -1]
+    gate = None if out.scope_gate is None else out.scope_gate[:, -1]
+    return out.predictions[:, -1], out.positions[:, -1], out.read_spread[:, -1], out.read_mass[:, -1], gate
 
 
 def other_context(contexts: np.ndarray) -> np.ndarray:
@@ -174,7 +175,9 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     written memory does not concern should read nothing.
     `write_slots_own`: how many slots an example's context changed, the same exp(entropy) over each slot's share of
     the total change |written - empty| (L2 per slot; 0 for a context that changed nothing): a write that stores the
-    context in a few slots against one that smears it over the whole bank, where any read address finds it."""
+    context in a few slots against one that smears it over the whole bank, where any read address finds it.
+    `scope_gate_own` / `scope_gate_other` (and per kind; memory.scope_gate only): the mean scope gate g over the
+    answer tokens, reading its own / another example's memory: how much of the injection a question lets in."""
     states_names = ("own", "other", "empty")
     hits = {k: [] for k in states_names}
     agree = {k: [] for k in states_names}
@@ -182,6 +185,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     changed = {k: [] for k in ("other", "empty")}
     spread: list[np.ndarray] = []
     mass = {k: [] for k in ("own", "other")}
+    gates = {k: [] for k in ("own", "other")} if mcfg.scope_gate else {}
     written: list[np.ndarray] = []
     has_other: list[np.ndarray] = []  # per answer position: its example has a partner with another context
     for start in range(0, len(examples), batch_size):
@@ -196,10 +200,11 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         change = jnp.linalg.norm(state - states["empty"], axis=-1)[:, :mcfg.num_slots]  # [B, S], no summary row
         total = change.sum(-1, keepdims=True)
         written.append(np.asarray(slot_spread(change)))
-        preds, spreads, masses = {}, {}, {}
+        preds, spreads, masses, seg_gates = {}, {}, {}, {}
         for k, s in states.items():  # the positions depend only on the loss mask: the same for every state
-            p, pos, sp, ms = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
+            p, pos, sp, ms, g = _last_segment_predictions(mem_params, frozen, batch, s, cfg, mcfg)
             preds[k], pos, spreads[k], masses[k] = np.asarray(p), np.asarray(pos), np.asarray(sp), np.asarray(ms)
+            seg_gates[k] = None if g is None else np.asarray(g)
         gold = np.take_along_axis(batch["labels"][:, -1], pos, 1)
         w = np.take_along_axis(batch["loss_mask"][:, -1] > 0, pos, 1)
         kind = np.array([str(ex.meta.get("kind", "")) for ex in chunk])[:, None].repeat(w.shape[1], 1)
@@ -208,6 +213,8 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         spread.append(spreads["own"][w])
         for k in mass:
             mass[k].append(masses[k][w])
+        for k in gates:
+            gates[k].append(np.broadcast_to(seg_gates[k][:, None], w.shape)[w])
         ref = None
         if (kind == "locality").any():  # the unedited model on the same question segment, same positions
             ref = np.take_along_axis(np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1],
@@ -230,6 +237,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     out["answer_tokens_other"] = int(valid.sum())
     out["read_slots_own"] = float(cat(spread).mean())
     out.update({f"read_mass_{k}": mean(cat(v), k) for k, v in mass.items()})
+    out.update({f"scope_gate_{k}": mean(cat(v), k) for k, v in gates.items()})
     out["write_slots_own"] = float(cat(written).mean())
     kind = cat(kinds)
     for name in sorted(set(kind.tolist()) - {""}):
@@ -238,6 +246,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         out[f"answer_tokens_{name}"] = int(sel.sum())
         out[f"read_slots_own_{name}"] = float(cat(spread)[sel].mean())
         out.update({f"read_mass_{k}_{name}": mean(cat(v), k, sel) for k, v in mass.items()})
+        out.update({f"scope_gate_{k}_{name}": mean(cat(v), k, sel) for k, v in gates.items()})
         if name == "locality":
             out.update({f"locality_agreement_{k}": mean(cat(v), k, sel) for k, v in agree.items()})
     return out
