@@ -32,3 +32,30 @@ def test_config_is_valid(path):
 def test_every_issue_config_exists():
     names = {p.stem for p in CONFIGS}
     assert {"tiny", "demo", "gpt2_hotpotqa", "llama8b", "llama8b_zsre", "smollm2_zsre"} <= names
+
+
+@pytest.mark.parametrize("recipe", ["counterfactual", "distill", "plain", "scoped"])
+def test_zsre_recipes_build_valid_memories(recipe):
+    """Every recipe of configs/smollm2_zsre.py gives a valid MemoryConfig whose lr multipliers name parameters the
+    memory has (the trainer's check), on a tiny 24-layer backbone (write_layer 16 must exist)."""
+    import jax
+
+    from gmem_jax.backbones import BackboneConfig
+    from gmem_jax.memory.model import init_memory
+    from gmem_jax.training.trainer import _lr_multipliers
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "smollm2_zsre.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config(recipe)
+    mcfg = MemoryConfig.from_dict(dict(config.memory), num_slots=8, mem_dim=16, num_heads=2)
+    cfg = BackboneConfig(arch="llama", vocab_size=97, hidden_size=32, num_layers=24, num_heads=4, num_kv_heads=2,
+                         head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
+                         tie_word_embeddings=False)
+    params = init_memory(jax.random.PRNGKey(0), cfg, mcfg)
+    factors = _lr_multipliers(config.train.lr_multipliers, params)
+    assert mcfg.scope_gate == (recipe == "scoped")
+    if recipe == "scoped":
+        assert factors == {"write_key_mix": 25.0, "scope_scale": 100.0, "scope_bias": 100.0}
+        assert config.train.steps == 900 and config.train.feature_cache
