@@ -8,6 +8,7 @@ import pytest
 
 from gmem_jax import generation
 from gmem_jax.memory.model import forward_segments, prompt_query, write_context
+from gmem_jax.memory.modules import GMemory
 from gmem_jax.training.checkpoint import export_params
 from gmem_jax.training.evaluation import generation_hooks
 
@@ -100,7 +101,8 @@ def assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem):
     return new
 
 
-def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, shared_data):
+@pytest.mark.parametrize("scope_gate", [False, True])
+def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, shared_data, scope_gate):
     from gmem_jax.backbones.loading import load_backbone
     from gmem_jax.backbones.tokenizer import load_tokenizer
     from gmem_jax.generate import main
@@ -115,8 +117,10 @@ def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, sha
     save_gpt2(model_dir, vocab=50257, eos=50256)
     transformers.GPT2TokenizerFast.from_pretrained(str(shared_data / "tokenizers" / "gpt2")).save_pretrained(model_dir)
     cfg, frozen = load_backbone(model_dir)
-    mcfg = small_memory("final")
+    mcfg = small_memory("final", standardize_inputs=scope_gate, scope_gate=scope_gate)
     mem = perturbed_memory(cfg, mcfg, scale=1.0)
+    if scope_gate:  # a half-open gate (the CLI must pool the prompt for it)
+        mem = dict(mem, scope_scale=jnp.float32(4.0), scope_bias=jnp.float32(-3.0))
     export_params(mem, {"memory": mcfg.to_dict(), "backbone_id": "tiny", "backbone_fingerprint": cfg.fingerprint()},
                   tmp_path / "export")
     args = ["--model", str(model_dir), "--prompt", "Where is John?", "--max-new-tokens", "5", "--json",
@@ -133,8 +137,15 @@ def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, sha
         tokens[0, k, :len(chunk)], mask[0, k, :len(chunk)] = chunk, True
     state = write_context(mem, frozen, jnp.asarray(tokens), jnp.asarray(mask), cfg, mcfg)
     prompt = np.asarray([tok("Where is John?")["input_ids"]], np.int32)
+    hook_state = (mem, state)
+    if scope_gate:
+        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), cfg),)
+        g = GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, GMemory(mcfg, cfg.hidden_size).apply(
+            {"params": mem}, hook_state[2][:, None], jnp.ones((1, 1), bool), method=GMemory.scope_vector),
+            method=GMemory.scope_gate_value)
+        assert 0.05 < float(g[0]) < 0.95
     ref = generation.generate(frozen, cfg, prompt, np.ones_like(prompt, bool), max_new_tokens=5,
-                              hooks=generation_hooks(cfg, mcfg), hook_state=(mem, state))
+                              hooks=generation_hooks(cfg, mcfg), hook_state=hook_state)
     assert with_context["token_ids"] == np.asarray(ref.tokens[0, : int(ref.lengths[0])]).tolist()
     # --context without a memory is refused with one line
     assert main(["--model", str(model_dir), "--prompt", "x", "--context", "y"]) == 2
