@@ -1,7 +1,8 @@
 """How a trained scope gate (memory.scope_gate) splits ZsRE dev questions: per question, the gate reading its own
 edit and another record's (an analysis script for docs/results.md, not part of the package).
 
-    PYTHONPATH=. python docs/analysis/zsre_scope_gate_plot.py <workdir> [<workdir> ...] --out docs/analysis/zsre_scope_gate.png
+    PYTHONPATH=. python docs/analysis/zsre_scope_gate_plot.py <workdir> [<workdir> ...] \
+        --out docs/analysis/zsre_scope_gate.png
 
 For each workdir (a run trained with the scope gate): the dev examples of configs/smollm2_zsre.py, the edit written
 into memory, g of the question segment with its own memory and with the nearest other record's (the reliance
@@ -70,7 +71,8 @@ def main():
         in_scope = np.isin(kinds, ["reliability", "generalization"])
         rel = kinds == "reliability"
         other = g["other"][rel & ~np.isnan(g["other"])]
-        print(f"{wd.name}: AUC own-edit in-scope vs locality {auc(g['own'][in_scope], g['own'][kinds == 'locality']):.3f}; "
+        loc = g["own"][kinds == "locality"]
+        print(f"{wd.name}: AUC own-edit in-scope vs locality {auc(g['own'][in_scope], loc):.3f}; "
               f"reliability own vs other record's edit {auc(g['own'][rel], other):.3f}; "
               f"g >= 0.5: reliability own {np.mean(g['own'][rel] >= 0.5):.3f}, other {np.mean(other >= 0.5):.3f}, "
               f"locality own {np.mean(g['own'][kinds == 'locality'] >= 0.5):.3f}")

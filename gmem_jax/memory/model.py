@@ -26,7 +26,7 @@ from gmem_jax.errors import GmemError
 from gmem_jax.backbones import model as backbone
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
-from gmem_jax.memory.modules import GMemory
+from gmem_jax.memory.modules import GMemory, masked_mean
 from gmem_jax.training.distributed import host_numpy
 
 EXTRACT_NAME = "memory_extract"
@@ -151,22 +151,16 @@ def _prompt_mask(token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
     return token_mask & ((jnp.cumsum(loss_mask, -1) - loss_mask) == 0)
 
 
-def _masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
-    """h [B, T, H] averaged over mask [B, T] -> [B, H] float32 (0 where the mask is empty)."""
-    w = mask.astype(jnp.float32)
-    return (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
-
-
 def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Mean hidden state over the prompt of a (last) segment: h [B, T, H] -> [B, H]."""
-    return _masked_mean(h, _prompt_mask(token_mask, loss_mask))
+    return masked_mean(h, _prompt_mask(token_mask, loss_mask))
 
 
 def prompt_query(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig) -> jax.Array:
     """memory.scope_gate's question for generation: the mean final hidden state of the frozen backbone over the
     prompt's real tokens, tokens/token_mask [B, P] -> [B, H] (`memory_hooks(scope_query=)`), which is what
     training pools at the same positions."""
-    return _masked_mean(frozen_features(frozen, tokens, token_mask, cfg)["features"], token_mask)
+    return masked_mean(frozen_features(frozen, tokens, token_mask, cfg)["features"], token_mask)
 
 
 def forward_segments(

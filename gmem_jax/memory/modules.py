@@ -54,6 +54,12 @@ from gmem_jax.memory.config import MemoryConfig
 _EPS = 1e-6
 
 
+def masked_mean(h: jax.Array, mask: jax.Array) -> jax.Array:
+    """h [B, T, H] averaged over mask [B, T] -> [B, H] float32 (0 where the mask is empty)."""
+    w = mask.astype(jnp.float32)
+    return (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+
+
 class _MLPMap(nn.Module):
     """Linear -> LayerNorm -> GELU -> Linear: the shape of both the encoder and the decoder."""
 
@@ -167,8 +173,7 @@ class GMemory(nn.Module):
         """unit(P x), x the standardised mean of h [B, T, H] over mask [B, T] (read-side statistics: the final
         hidden states on both sides) -> [B, M]. Mean-pooled, because the frozen model's pooled features tell a
         question its edit from another (docs/analysis/zsre_scope_probe.py) where no token-level read learned to."""
-        w = mask.astype(jnp.float32)
-        x = (h.astype(jnp.float32) * w[..., None]).sum(1) / jnp.maximum(w.sum(1), 1.0)[:, None]
+        x = masked_mean(h, mask)
         mean, inv_std = self.input_stats["read"]
         z = self.scope_proj(((x - mean) * inv_std).astype(self.cfg.dtype)).astype(jnp.float32)
         return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True), 1e-12))
@@ -401,8 +406,8 @@ class GMemory(nn.Module):
         L(sg(retrieved)), `retrieved` [B, T, M] being alpha Mem before the shared decoder; `own_source` [B, T, M],
         from `read_and_inject` with later_train_content, replaces sg(retrieved) there: equal values, but gradient to
         what the memory stores). `match` [B, T] (memory.token_gate_match): the read's match score from
-        `_read_weights`, a third gate input. `scope` [B, T] (memory.scope_gate) scales the whole update. Returns (h', the token gate [B, T] stop-gradiented, or None without
-        token_gate)."""
+        `_read_weights`, a third gate input. `scope` [B, T] (memory.scope_gate) scales the whole update. Returns (h',
+        the token gate [B, T] stop-gradiented, or None without token_gate)."""
         token_gate = None
         if self.cfg.injection == "final":
             dt = self.cfg.dtype

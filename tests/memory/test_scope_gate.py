@@ -55,8 +55,9 @@ def test_summary_row_and_gate_match_numpy():
     q = _unit_proj(mem, feats[2], prompt)
     cos = (q * u).sum(-1) / np.linalg.norm(u, axis=-1)
     expect = 1 / (1 + np.exp(-(2.0 * cos - 0.5)))
-    _, _, g = GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, jnp.asarray(state), jnp.asarray(feats[2], jnp.float32),
-                                                  scope_mask=jnp.asarray(prompt), method=GMemory.read_and_inject)
+    _, _, g = GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, jnp.asarray(state),
+                                                  jnp.asarray(feats[2], jnp.float32), scope_mask=jnp.asarray(prompt),
+                                                  method=GMemory.read_and_inject)
     np.testing.assert_allclose(np.asarray(g), np.broadcast_to(expect[:, None], g.shape), rtol=1e-4)
     assert np.ptp(expect) > 0.05  # the gate differs between examples: the test can tell them apart
 
@@ -97,7 +98,8 @@ def test_scope_loss_trains_the_gate():
     p = np.clip(np.asarray(g, np.float64), 1e-6, 1 - 1e-6)[..., None]
     bce = -(y[:, None, None] * np.log(p) + (1 - y[:, None, None]) * np.log1p(-p))
     valid = w & (y >= 0)[:, None, None]
-    np.testing.assert_allclose(float(out.metrics["scope_bce"]), np.broadcast_to(bce, valid.shape)[valid].mean(), rtol=1e-5)
+    expect = np.broadcast_to(bce, valid.shape)[valid].mean()
+    np.testing.assert_allclose(float(out.metrics["scope_bce"]), expect, rtol=1e-5)
     np.testing.assert_allclose(float(out.loss), float(plain.loss) + 0.5 * float(out.metrics["scope_bce"]), rtol=1e-5)
     grad = jax.grad(lambda m: forward_segments(m, frozen, dict(b, scope=jnp.array([1.0, -1.0, -1.0])), cfg,
                                                mcfg).metrics["scope_bce"])(mem)
