@@ -58,4 +58,8 @@ def test_zsre_recipes_build_valid_memories(recipe):
     assert mcfg.scope_gate == (recipe == "scoped")
     if recipe == "scoped":
         assert factors == {"write_key_mix": 25.0, "scope_scale": 100.0, "scope_bias": 100.0}
-        assert config.train.steps == 900 and config.train.feature_cache
+        assert config.train.steps == 900 and config.train.feature_cache and config.train.checkpoint_every == 300
+        # the command of docs/results.md's scope-gate run, option by option (distill data)
+        assert config.task.train_kwargs.to_dict() == mod.get_config("distill").task.train_kwargs.to_dict()
+        assert (mcfg.write_attention, mcfg.write_layer, mcfg.write_recency, mcfg.write_key_window, mcfg.scope_weight) \
+            == ("keyed", 16, 1.0, 8, 1.0)
