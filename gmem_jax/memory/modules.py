@@ -170,12 +170,15 @@ class GMemory(nn.Module):
         return jax.nn.sigmoid(self.importance_mlp(slots)[..., 0].astype(jnp.float32))
 
     def scope_vector(self, h: jax.Array, mask: jax.Array) -> jax.Array:
-        """unit(P x), x the standardised mean of h [B, T, H] over mask [B, T] (read-side statistics: the final
-        hidden states on both sides) -> [B, M]. Mean-pooled, because the frozen model's pooled features tell a
-        question its edit from another (docs/analysis/zsre_scope_probe.py) where no token-level read learned to."""
-        x = masked_mean(h, mask)
-        mean, inv_std = self.input_stats["read"]
-        z = self.scope_proj(((x - mean) * inv_std).astype(self.cfg.dtype)).astype(jnp.float32)
+        """`scope_project` of the mean of h [B, T, H] over mask [B, T] -> [B, M]. Mean-pooled, because the frozen
+        model's pooled features tell a question its edit from another (docs/analysis/zsre_scope_probe.py) where no
+        token-level read learned to."""
+        return self.scope_project(masked_mean(h, mask))
+
+    def scope_project(self, x: jax.Array) -> jax.Array:
+        """unit(P standardise(x)): a pooled hidden state x [B, H] -> [B, M] (read-side statistics: the final hidden
+        states on both sides)."""
+        z = self.scope_proj(self._standardize(x, "read").astype(self.cfg.dtype)).astype(jnp.float32)
         return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, -1, keepdims=True), 1e-12))
 
     def scope_gate_value(self, state: jax.Array, query: jax.Array) -> jax.Array:
@@ -189,10 +192,14 @@ class GMemory(nn.Module):
 
     def encode(self, h: jax.Array, side: str = "read") -> jax.Array:
         """E(h): [B, T, H] -> [B, T, M]; `side` ("read" / "write") picks the input statistics."""
-        if self.cfg.standardize_inputs:
-            mean, inv_std = self.input_stats[side]
-            h = (h.astype(jnp.float32) - mean) * inv_std
-        return self.encoder(h.astype(self.cfg.dtype))
+        return self.encoder(self._standardize(h, side).astype(self.cfg.dtype))
+
+    def _standardize(self, h: jax.Array, side: str) -> jax.Array:
+        """(h - mu) * inv_sigma per channel with `side`'s input statistics (standardize_inputs; else h as is)."""
+        if not self.cfg.standardize_inputs:
+            return h
+        mean, inv_std = self.input_stats[side]
+        return (h.astype(jnp.float32) - mean) * inv_std
 
     # ---- write (consolidate) -----------------------------------------------------------------------------
     def _split_heads(self, y: jax.Array) -> jax.Array:
@@ -370,7 +377,7 @@ class GMemory(nn.Module):
         scope = None
         if self.cfg.scope_gate:
             if scope_query is not None:
-                query = self.scope_vector(scope_query[:, None], jnp.ones(scope_query.shape[:1] + (1,), bool))
+                query = self.scope_project(scope_query)
             elif scope_mask is not None:
                 query = self.scope_vector(h, scope_mask)
             else:
