@@ -11,7 +11,10 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
   plain                     the real train edits, reliability and generalization queries only;
   scoped                    distill's data with the best memory measured on it (docs/results.md, "A scope gate"):
                             keyed write from block 16 with a key window and recency, the scope gate trained with
-                            the scope loss, 900 steps on cached frozen features (~35 min on 2 CPU cores).
+                            the scope loss, 900 steps on cached frozen features (~35 min on 2 CPU cores);
+  scoped_mismatched         scoped, plus each variant's "mismatched" question (another record's question over
+                            this record's edit, the frozen model's argmax as target, out of scope): in-style
+                            negatives for the scope gate.
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
 """
@@ -27,6 +30,8 @@ RECIPES = {
     "plain": dict(kinds=("reliability", "generalization")),
 }
 RECIPES["scoped"] = RECIPES["distill"]
+RECIPES["scoped_mismatched"] = dict(RECIPES["distill"], kinds=("reliability", "generalization", "locality",
+                                                               "mismatched"))
 # What "scoped" changes besides the data: the command of docs/results.md's scope-gate run, as config.
 SCOPED = dict(
     memory=dict(write_attention="keyed", write_layer=16, write_recency=1.0, write_key_window=8, scope_gate=True,
@@ -44,7 +49,7 @@ def get_config(recipe: str = "counterfactual"):
                   kwargs=dict(source="../shared/data/zsre/zsre_mend_edit_837.json"), train_kwargs=RECIPES[recipe])
     c.train.update(steps=300, batch_size=8, warmup_steps=30, log_every=10, checkpoint_every=100)
     c.eval.update(batch_size=16, max_new_tokens=12, baselines=True)
-    if recipe == "scoped":
+    if recipe.startswith("scoped"):
         c.memory.update(SCOPED["memory"])
         c.train.update(SCOPED["train"])
     return c

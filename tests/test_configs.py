@@ -34,7 +34,7 @@ def test_every_issue_config_exists():
     assert {"tiny", "demo", "gpt2_hotpotqa", "llama8b", "llama8b_zsre", "smollm2_zsre"} <= names
 
 
-@pytest.mark.parametrize("recipe", ["counterfactual", "distill", "plain", "scoped"])
+@pytest.mark.parametrize("recipe", ["counterfactual", "distill", "plain", "scoped", "scoped_mismatched"])
 def test_zsre_recipes_build_valid_memories(recipe):
     """Every recipe of configs/smollm2_zsre.py gives a valid MemoryConfig whose lr multipliers name parameters the
     memory has (the trainer's check), on a tiny 24-layer backbone (write_layer 16 must exist)."""
@@ -55,11 +55,13 @@ def test_zsre_recipes_build_valid_memories(recipe):
                          tie_word_embeddings=False)
     params = init_memory(jax.random.PRNGKey(0), cfg, mcfg)
     factors = _lr_multipliers(config.train.lr_multipliers, params)
-    assert mcfg.scope_gate == (recipe == "scoped")
-    if recipe == "scoped":
+    assert mcfg.scope_gate == recipe.startswith("scoped")
+    if recipe.startswith("scoped"):
         assert factors == {"write_key_mix": 25.0, "scope_scale": 100.0, "scope_bias": 100.0}
         assert config.train.steps == 900 and config.train.feature_cache and config.train.checkpoint_every == 300
         # the command of docs/results.md's scope-gate run, option by option (distill data)
-        assert config.task.train_kwargs.to_dict() == mod.get_config("distill").task.train_kwargs.to_dict()
+        distill = mod.get_config("distill").task.train_kwargs.to_dict()
+        extra = ("mismatched",) if recipe == "scoped_mismatched" else ()
+        assert config.task.train_kwargs.to_dict() == dict(distill, kinds=distill["kinds"] + extra)
         assert (mcfg.write_attention, mcfg.write_layer, mcfg.write_recency, mcfg.write_key_window, mcfg.scope_weight) \
             == ("keyed", 16, 1.0, 8, 1.0)

@@ -100,8 +100,8 @@ def test_zsre_frozen_locality_targets_are_the_frozen_models_answers(shared_data,
 
 
 def test_zsre_frozen_argmax_locality_labels(shared_data, gpt2_tok, model):
-    """train_kwargs.locality_targets='frozen_argmax' -> locality examples keep the gold answer as input and their
-    answer-position labels are the frozen model's argmax there, checked against an unbatched, unpadded forward
+    """train_kwargs.locality_targets='frozen_argmax' -> locality and mismatched examples keep the gold answer as input
+    and their answer-position labels are the frozen model's argmax there, checked against an unbatched, unpadded forward
     of each question alone; every other label (edit queries, prompt positions) is the gold one."""
     import ml_collections
 
@@ -112,22 +112,23 @@ def test_zsre_frozen_argmax_locality_labels(shared_data, gpt2_tok, model):
     source = str(shared_data / "zsre" / "zsre_mend_edit_837.json")
     config = ml_collections.ConfigDict(dict(
         task=dict(name="zsre", kwargs=dict(source=source),
-                  train_kwargs=dict(kinds=("reliability", "locality"), counterfactual_alts=2,
+                  train_kwargs=dict(kinds=("reliability", "locality", "mismatched"), counterfactual_alts=2,
                                     locality_targets="frozen_argmax"),
                   train_split="train", train_limit=3, seed=0, n_seg=2, seg_len=64, max_sents=4),
         eval=dict(batch_size=4, max_new_tokens=4)))
     examples = builders.build_train_examples(config, gpt2_tok, frozen, cfg)
-    gold = get_task("zsre", source=source, kinds=("reliability", "locality"), counterfactual_alts=2).examples(
+    gold = get_task("zsre", source=source, kinds=("reliability", "locality", "mismatched"),
+                    counterfactual_alts=2).examples(
         "train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
     assert [ex.meta["id"] for ex in examples] == [ex.meta["id"] for ex in gold]
     kinds = [ex.meta["kind"] for ex in examples]
-    assert kinds.count("locality") == 6 and kinds.count("reliability") == 6  # 3 records x 2 variants
+    assert kinds.count("locality") == kinds.count("reliability") == kinds.count("mismatched") == 6  # 3 x 2 variants
     changed = 0
     for ex, g in zip(examples, gold):
         np.testing.assert_array_equal(ex.tokens, g.tokens)
         np.testing.assert_array_equal(ex.loss_mask, g.loss_mask)
         at = ex.loss_mask[-1] > 0
-        if ex.meta["kind"] != "locality":
+        if ex.meta["kind"] == "reliability":
             np.testing.assert_array_equal(ex.labels, g.labels)
             continue
         n = int(ex.token_mask[-1].sum())  # real tokens come first in a segment
@@ -138,6 +139,9 @@ def test_zsre_frozen_argmax_locality_labels(shared_data, gpt2_tok, model):
         np.testing.assert_array_equal(ex.labels[:-1], g.labels[:-1])
         changed += int((ex.labels[-1][at] != g.labels[-1][at]).sum())
     assert changed > 0  # a random model does not predict the gold answers: the labels really were replaced
+    config.task.train_kwargs.locality_targets = "frozen"  # mismatched would learn the gold trivia answers
+    with pytest.raises(GmemError, match="'mismatched' learns the frozen model's predictions"):
+        builders.build_train_examples(config, gpt2_tok, frozen, cfg)
 
 
 def test_gold_answer_prefixes_cut_long_answers(gpt2_tok):
@@ -217,24 +221,27 @@ def test_other_context_is_the_nearest_earlier_example_with_a_different_context()
 
 
 def test_scope_labels_follow_the_kind(shared_data, gpt2_tok):
-    """memory.scope_weight's labels: a ZsRE locality question is out of the written edit's scope, every other kind
-    in; collate turns them into `scope` [B] (absent when no example is labelled)."""
+    """memory.scope_weight's labels: a ZsRE locality or mismatched question is out of the written edit's scope, every
+    other kind in; collate turns them into `scope` [B] (absent when no example is labelled)."""
     from gmem_jax.tasks.base import collate
     from gmem_jax.training.builders import label_scope
 
-    task = get_task("zsre", source=str(shared_data / "zsre" / "zsre_mend_edit_837.json"))
+    from gmem_jax.tasks.zsre import TRAIN_KINDS
+
+    task = get_task("zsre", source=str(shared_data / "zsre" / "zsre_mend_edit_837.json"), kinds=TRAIN_KINDS)
     examples = task.examples("dev", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
     size = -(-(len(examples) + 1) // jax.device_count()) * jax.device_count()  # a padded batch, split over devices
     batch = collate(label_scope(examples), pad_to=size)
-    expect = [float(ex.meta["kind"] != "locality") for ex in examples] + [-1.0] * (size - len(examples))
-    assert 0.0 in expect and 1.0 in expect
+    expect = [float(ex.meta["kind"] not in ("locality", "mismatched")) for ex in examples]
+    assert expect[:5] == [1.0, 1.0, 0.0, 1.0, 0.0]  # reliability, generalization, locality, portability, mismatched
+    expect += [-1.0] * (size - len(examples))
     np.testing.assert_array_equal(batch["scope"], expect)
     assert "scope" not in collate(examples)
     from gmem_jax.training.sharding import make_mesh
     from gmem_jax.training.trainer import _device_batch  # what the train step receives keeps the labels
     np.testing.assert_array_equal(np.asarray(_device_batch(batch, make_mesh({"data": -1}))["scope"]), expect)
     with pytest.raises(GmemError, match="scope_weight needs training examples"):
-        label_scope([ex for ex in examples if ex.meta["kind"] != "locality"])
+        label_scope([ex for ex in examples if ex.meta["kind"] not in ("locality", "mismatched")])
 
 
 def test_slot_spread_counts_equally_weighted_slots():

@@ -7,6 +7,10 @@ examples, meta['kind']:
   locality        query loc             -> loc_ans      (unrelated: at eval compare with the frozen model's own
                                                          output, see `score`; the leading "nq question: " is cut)
   portability     query "New Question"  -> "New Answer" (a consequence of the edit)
+and, for training only,
+  mismatched      query another record's src or rephrase -> its true answer: a ZsRE-style question the written
+                  edit does not concern (an in-style negative beside locality's NQ questions, for the scope gate;
+                  the trainer's 'frozen_argmax' turns its labels into the frozen model's own predictions)
 The edit is the statement "{src} {alt}." in the context; the query is the last segment. Layouts (Task):
 "memory" (edit in a segment before the query, which the query never sees directly), "none" (no-memory
 baseline: query only) and "prompt" (edit-in-prompt baseline: edit statement + query in the last segment).
@@ -43,7 +47,9 @@ from gmem_jax.tasks.base import QA_PROMPT, SegmentedExample, Task, check_dims, r
 from gmem_jax.tasks.metrics import answer_em, exact_match, grouped_mean
 from gmem_jax.tasks.segment import sentence_units
 
-KINDS = ("reliability", "generalization", "locality", "portability")
+KINDS = ("reliability", "generalization", "locality", "portability")  # the evaluation kinds
+TRAIN_KINDS = KINDS + ("mismatched",)
+OUT_OF_SCOPE_KINDS = ("locality", "mismatched")  # questions the written edit does not concern
 SPLITS = ("train", "dev", "all")
 _NQ_PREFIX = re.compile(r"^\s*nq question:\s*", re.IGNORECASE)
 
@@ -132,9 +138,9 @@ class ZsRETask(Task):
                  overflow: str = "drop_oldest", counterfactual_alts: int = 0,
                  locality_targets: Mapping[Any, str] | str | None = None):
         super().__init__(layout=layout, window=window, overflow=overflow)
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - set(TRAIN_KINDS)
         if unknown or not kinds:
-            raise GmemError(f"zsre: unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+            raise GmemError(f"zsre: unknown kinds {sorted(unknown)}; choose from {', '.join(TRAIN_KINDS)}")
         if n_distractor_edits < 0:
             raise GmemError(f"zsre: n_distractor_edits={n_distractor_edits} must be >= 0")
         if counterfactual_alts < 0:
@@ -198,7 +204,7 @@ class ZsRETask(Task):
         out = []
         suffix = f"-cf{variant}" if self.counterfactual_alts else ""
         for kind in self.kinds:
-            qa = rec.query(kind)
+            qa = self._mismatched_query(rec, records, edits, seed, variant) if kind == "mismatched" else rec.query(kind)
             if qa is None or (kind == "portability" and self.counterfactual_alts):
                 continue
             if kind == "locality" and self.locality_targets is not None:
@@ -210,6 +216,20 @@ class ZsRETask(Task):
                     "record_index": rec.index, "subject": rec.subject}
             out.append(self.build(tokenizer, units, qa[0], qa[1], meta, **dims))
         return out
+
+    def _mismatched_query(self, rec: ZsreRecord, records: Sequence[ZsreRecord], written: Sequence[ZsreRecord],
+                          seed: int, variant: int) -> tuple[str, str]:
+        """(question, true answer) of a record none of whose edits is `written`: its src or rephrase, both drawn
+        from (seed, record index, variant). The true answer (the edit's `answers`, else the set's `pred`) is only
+        the teacher-forced input: the trainer replaces its labels by the frozen model's argmax."""
+        skip = {e.index for e in written}
+        others = [r for r in records if r.index not in skip]
+        if not others:
+            raise GmemError("zsre: kind 'mismatched' needs a record besides the written edits; use a larger split")
+        rng = np.random.default_rng([seed, rec.index, variant, 2])
+        other = others[int(rng.integers(len(others)))]
+        question = other.src if rng.integers(2) == 0 else other.rephrase
+        return question, (other.answers[0] if other.answers else other.pred)
 
     def score(self, predictions: Mapping[str, Mapping[str, Any]], examples: Sequence[SegmentedExample]
               ) -> dict[str, float]:

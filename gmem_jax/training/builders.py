@@ -20,6 +20,7 @@ from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.tasks.base import SegmentedExample
 from gmem_jax.tasks.registry import get_task
 from gmem_jax.tasks.tokenizers import WordTokenizer, load_tokenizer
+from gmem_jax.tasks.zsre import OUT_OF_SCOPE_KINDS
 from gmem_jax.training import sharding
 from gmem_jax.training.step import parse_name_factors
 
@@ -124,6 +125,9 @@ def build_train_task(config: ml_collections.ConfigDict, tokenizer, frozen: dict,
     'frozen_argmax' by the gold answers cut to DISTILL_ANSWER_TOKENS (whose labels `build_train_examples` then
     replaces)."""
     kwargs = {**dict(config.task.kwargs), **dict(config.task.get("train_kwargs", {}))}
+    if "mismatched" in kwargs.get("kinds", ()) and kwargs.get("locality_targets") != "frozen_argmax":
+        raise GmemError("zsre kind 'mismatched' learns the frozen model's predictions: it needs "
+                        "task.train_kwargs.locality_targets='frozen_argmax' (else it would learn trivia answers)")
     if kwargs.get("locality_targets") == "frozen":
         cache = None if workdir is None else Path(workdir) / "frozen_locality_targets.json"
         kwargs["locality_targets"] = frozen_locality_targets(config, tokenizer, frozen, cfg, cache)
@@ -158,8 +162,8 @@ def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: d
     examples = build_examples(config, task, tokenizer, config.task.train_split, config.task.train_limit,
                               config.task.seed)
     if config.task.get("train_kwargs", {}).get("locality_targets") == "frozen_argmax":
-        examples = frozen_argmax_labels(examples, frozen, cfg, select=lambda ex: ex.meta.get("kind") == "locality",
-                                        batch_size=config.eval.batch_size)
+        examples = frozen_argmax_labels(examples, frozen, cfg, batch_size=config.eval.batch_size,
+                                        select=lambda ex: ex.meta.get("kind") in OUT_OF_SCOPE_KINDS)
     train = config.get("train", {})
     examples = weight_kinds(examples, train.get("kind_loss_weights", ""))
     if config.get("memory", {}).get("scope_weight", 0.0):
@@ -168,12 +172,12 @@ def build_train_examples(config: ml_collections.ConfigDict, tokenizer, frozen: d
 
 
 def label_scope(examples: list[SegmentedExample]) -> list[SegmentedExample]:
-    """memory.scope_weight's labels: meta['in_scope'] is False for locality questions (about something the written
-    edit does not concern) and True for every other kind (reliability, generalization, portability)."""
-    if not any(ex.meta.get("kind") == "locality" for ex in examples):
-        raise GmemError("memory.scope_weight needs training examples with meta['kind'] ('locality' = out of scope), "
-                        "as ZsRE's counterfactual and distill recipes make; set memory.scope_weight=0 for this task")
-    return [dataclasses.replace(ex, meta=dict(ex.meta, in_scope=ex.meta.get("kind") != "locality"))
+    """memory.scope_weight's labels: meta['in_scope'] is False for locality and mismatched questions (about something
+    the written edit does not concern) and True for every other kind (reliability, generalization, portability)."""
+    if not any(ex.meta.get("kind") in OUT_OF_SCOPE_KINDS for ex in examples):
+        raise GmemError("memory.scope_weight needs training examples with meta['kind'] (locality or mismatched = out "
+                        "of scope), as ZsRE's counterfactual and distill recipes make; set memory.scope_weight=0")
+    return [dataclasses.replace(ex, meta=dict(ex.meta, in_scope=ex.meta.get("kind") not in OUT_OF_SCOPE_KINDS))
             for ex in examples]
 
 

@@ -159,3 +159,46 @@ def test_counterfactual_alts_and_locality_targets(zsre_file, gpt2_tok):
         task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, limit=3)
     with pytest.raises(GmemError, match="counterfactual_alts"):
         ZsRETask(zsre_file, counterfactual_alts=-1)
+
+
+def test_mismatched_asks_another_records_question_over_this_records_edit(zsre_file, gpt2_tok):
+    """kind 'mismatched' (training only): the written edit is the record's own, the question is another record's src
+    or rephrase, never one of the written edits' records, with that record's true answer; drawn per (seed, record,
+    variant)."""
+    from gmem_jax.tasks.zsre import TRAIN_KINDS
+
+    task = ZsRETask(zsre_file, kinds=["reliability", "mismatched"], n_distractor_edits=2, counterfactual_alts=2)
+    records = {r.index: r for r in task.records("train")}
+    exs = task.examples("train", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=0, limit=6)
+    assert [e.meta["kind"] for e in exs] == ["reliability", "mismatched"] * 12
+    questions = set()
+    for rel, mis in zip(exs[::2], exs[1::2]):
+        assert _segments(gpt2_tok, rel)[:-1] == _segments(gpt2_tok, mis)[:-1]  # the same written context
+        written = {k[1] for keys in mis.meta["sent_keys"] for k in keys if k}
+        assert mis.meta["record_index"] in written and len(written) == 3
+        last = _segments(gpt2_tok, mis)[-1]
+        owner = [r for r in records.values() if f"Question: {r.src}\n" in last or f"Question: {r.rephrase}\n" in last]
+        assert owner and not {r.index for r in owner} & written  # a question no written edit concerns
+        assert last.endswith(f"Answer: {mis.meta['answers'][0]}<|endoftext|>")
+        assert mis.meta["answers"][0] in {(r.answers[0] if r.answers else r.pred) for r in owner}
+        questions.add(last)
+    assert len(questions) > 6  # drawn per variant, not one question per record
+    again = task.examples("train", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=0, limit=6)
+    assert [_segments(gpt2_tok, e) for e in again] == [_segments(gpt2_tok, e) for e in exs]
+    reseeded = task.examples("train", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=1, limit=6)
+    assert [_segments(gpt2_tok, e)[-1] for e in reseeded[1::2]] != [_segments(gpt2_tok, e)[-1] for e in exs[1::2]]
+    assert "mismatched" in TRAIN_KINDS and "mismatched" not in KINDS  # never an evaluation kind by default
+    # Four train records, three written: every mismatched question is the fourth's.
+    small = ZsRETask(json.loads(zsre_file.read_text())[:5], kinds=["mismatched"], n_distractor_edits=2)
+    four = small.records("train")
+    assert len(four) == 4
+    for ex in small.examples("train", gpt2_tok, n_seg=3, seg_len=96, max_sents=8, seed=0):
+        written = {k[1] for keys in ex.meta["sent_keys"] for k in keys if k}
+        (unwritten,) = [r for r in four if r.index not in written]
+        assert _segments(gpt2_tok, ex)[-1] in {f"Question: {q}\nAnswer: {unwritten.answers[0]}<|endoftext|>"
+                                               for q in (unwritten.src, unwritten.rephrase)}
+    with pytest.raises(GmemError, match="needs a record besides the written edits"):
+        ZsRETask(json.loads(zsre_file.read_text())[:5], kinds=["mismatched"], n_distractor_edits=3).examples(
+            "train", gpt2_tok, n_seg=3, seg_len=96, max_sents=8)
+    with pytest.raises(GmemError, match="unknown kinds"):
+        ZsRETask(zsre_file, kinds=["mismatch"])
