@@ -2,7 +2,7 @@
 edit and another record's (an analysis script for docs/results.md, not part of the package).
 
     PYTHONPATH=. python docs/analysis/zsre_scope_gate_plot.py <workdir> [<workdir> ...] \
-        --out docs/analysis/zsre_scope_gate.png
+        --out docs/analysis/zsre_scope_gate.png [--list_open]
 
 For each workdir (a run trained with the scope gate): the dev examples of configs/smollm2_zsre.py, the edit written
 into memory, g of the question segment with its own memory and with the nearest other record's (the reliance
@@ -41,7 +41,7 @@ def gates(workdir: Path, batch_size: int = 16):
                                        config.task.seed)
     write = jax.jit(write_context, static_argnums=(4, 5))
     out = {"own": [], "other": []}
-    kinds = []
+    kinds, pairs = [], []  # pairs: (question's record index, the other memory's record index or -1)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = {k: v for k, v in collate(chunk).items() if k != "example_mask"}
@@ -52,13 +52,17 @@ def gates(workdir: Path, batch_size: int = 16):
             g = np.asarray(_last_segment_predictions(params, frozen, batch, s, cfg, mcfg)[4])
             out[name].append(np.where(keep | (name == "own"), g, np.nan))
         kinds += [ex.meta["kind"] for ex in chunk]
-    return {k: np.concatenate(v) for k, v in out.items()}, np.array(kinds)
+        pairs += [(ex.meta["record_index"], chunk[j].meta["record_index"] if j >= 0 else -1)
+                  for ex, j in zip(chunk, partner)]
+    return {k: np.concatenate(v) for k, v in out.items()}, np.array(kinds), pairs, task.records("dev")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("workdirs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/analysis/zsre_scope_gate.png"))
+    ap.add_argument("--list_open", action="store_true",
+                    help="print each reliability question whose gate is >= 0.5 over another record's edit")
     args = ap.parse_args()
     import matplotlib
     matplotlib.use("Agg")
@@ -67,7 +71,12 @@ def main():
     fig, axes = plt.subplots(1, len(args.workdirs), figsize=(6 * len(args.workdirs), 4), squeeze=False)
     bins = np.linspace(0, 1, 41)
     for ax, wd in zip(axes[0], args.workdirs):
-        g, kinds = gates(wd)
+        g, kinds, pairs, records = gates(wd)
+        if args.list_open:
+            by_index = {r.index: r for r in records}
+            for i in np.flatnonzero((kinds == "reliability") & (np.nan_to_num(g["other"]) >= 0.5)):
+                own, other = (by_index[k] for k in pairs[i])
+                print(f"  g={g['other'][i]:.2f} | {own.src} -> {own.alt} | written: {other.statement()}")
         in_scope = np.isin(kinds, ["reliability", "generalization"])
         rel = kinds == "reliability"
         other = g["other"][rel & ~np.isnan(g["other"])]
