@@ -14,7 +14,10 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
                             the scope loss, 900 steps on cached frozen features (~35 min on 2 CPU cores);
   scoped_mismatched         scoped, plus each variant's "mismatched" question (another record's question over
                             this record's edit, the frozen model's argmax as target, out of scope): in-style
-                            negatives for the scope gate.
+                            negatives for the scope gate;
+  scoped_open               scoped, but the counterfactual answers come from every answer string of the train
+                            split (~1,700, each seen about once) instead of its ~670 alts, so the memory cannot
+                            learn the answers as a closed set and must copy from the edit.
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
 """
@@ -32,6 +35,7 @@ RECIPES = {
 RECIPES["scoped"] = RECIPES["distill"]
 RECIPES["scoped_mismatched"] = dict(RECIPES["distill"], kinds=("reliability", "generalization", "locality",
                                                                "mismatched"))
+RECIPES["scoped_open"] = dict(RECIPES["distill"], counterfactual_pool="answers")
 # What "scoped" changes besides the data: the command of docs/results.md's scope-gate run, as config.
 SCOPED = dict(
     memory=dict(write_attention="keyed", write_layer=16, write_recency=1.0, write_key_window=8, scope_gate=True,

@@ -34,7 +34,8 @@ def test_every_issue_config_exists():
     assert {"tiny", "demo", "gpt2_hotpotqa", "llama8b", "llama8b_zsre", "smollm2_zsre"} <= names
 
 
-@pytest.mark.parametrize("recipe", ["counterfactual", "distill", "plain", "scoped", "scoped_mismatched"])
+@pytest.mark.parametrize("recipe", ["counterfactual", "distill", "plain", "scoped", "scoped_mismatched",
+                                    "scoped_open"])
 def test_zsre_recipes_build_valid_memories(recipe):
     """Every recipe of configs/smollm2_zsre.py gives a valid MemoryConfig whose lr multipliers name parameters the
     memory has (the trainer's check), on a tiny 24-layer backbone (write_layer 16 must exist)."""
@@ -62,6 +63,7 @@ def test_zsre_recipes_build_valid_memories(recipe):
         # the command of docs/results.md's scope-gate run, option by option (distill data)
         distill = mod.get_config("distill").task.train_kwargs.to_dict()
         extra = ("mismatched",) if recipe == "scoped_mismatched" else ()
-        assert config.task.train_kwargs.to_dict() == dict(distill, kinds=distill["kinds"] + extra)
+        pool = dict(counterfactual_pool="answers") if recipe == "scoped_open" else {}
+        assert config.task.train_kwargs.to_dict() == dict(distill, kinds=distill["kinds"] + extra, **pool)
         assert (mcfg.write_attention, mcfg.write_layer, mcfg.write_recency, mcfg.write_key_window, mcfg.scope_weight) \
             == ("keyed", 16, 1.0, 8, 1.0)

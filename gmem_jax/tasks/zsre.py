@@ -20,11 +20,19 @@ Training options (train split only; evaluation always uses the real edits):
   counterfactual_alts=k  each record gives k variants whose new answer is another record's alt (seeded), so
                          the answer cannot be memorised from the question and only the written edit carries it;
                          portability is skipped (its answer follows from the real edit).
+  counterfactual_pool    where those new answers come from: 'alts' (the split's alts, ~670 strings, each seen
+                         several times, so a memory can learn them as a closed set of classes) or 'answers' (every
+                         answer string of the split: alts, true answers, preds, locality and portability answers,
+                         ~1,700, each seen about once per run, so only copying from the edit pays).
   locality_targets       {record index: answer} (or a JSON file of it): the locality target becomes this answer,
                          e.g. the frozen model's own (`training.builders.frozen_locality_targets`), so training
                          teaches the memory to leave unrelated questions alone. (The trainer also accepts
                          'frozen_argmax': gold answers here, labels replaced by the frozen model's argmax,
                          `training.builders.frozen_argmax_labels`.)
+
+Scores split out the dev edits whose answer is "novel": not among the train split's answer strings (the widest
+counterfactual pool), so no training recipe ever had it as a target; a memory that learned the training answers as
+classes instead of copying from the edit scores ~0 there (docs/results.md).
 
 Split: dev is a fixed 20% (`dev_fraction`) chosen by ranking records by sha256(split_seed, subject, src, alt),
 so it is the same on every machine and does not depend on the records' order; train is the rest.
@@ -44,13 +52,14 @@ import numpy as np
 
 from gmem_jax.errors import GmemError
 from gmem_jax.tasks.base import QA_PROMPT, SegmentedExample, Task, check_dims, record_error, resolve_records
-from gmem_jax.tasks.metrics import answer_em, exact_match, grouped_mean
+from gmem_jax.tasks.metrics import answer_em, exact_match, grouped_mean, normalize_answer
 from gmem_jax.tasks.segment import sentence_units
 
 KINDS = ("reliability", "generalization", "locality", "portability")  # the evaluation kinds
 TRAIN_KINDS = KINDS + ("mismatched",)
 OUT_OF_SCOPE_KINDS = ("locality", "mismatched")  # questions the written edit does not concern
 SPLITS = ("train", "dev", "all")
+POOLS = ("alts", "answers")  # counterfactual_pool choices
 _NQ_PREFIX = re.compile(r"^\s*nq question:\s*", re.IGNORECASE)
 
 
@@ -70,6 +79,11 @@ class ZsreRecord:
     def statement(self) -> str:
         """The edit as a context sentence."""
         return f"{self.src.strip()} {self.alt.strip()}."
+
+    def answer_strings(self) -> set[str]:
+        """Every answer this record holds (alt, pred, true answers, locality and portability answers), stripped."""
+        out = {self.alt, self.pred, self.loc_ans, *self.answers, *(self.portability or ("", ""))[1:]}
+        return {a.strip() for a in out} - {""}
 
     def query(self, kind: str) -> tuple[str, str] | None:
         """(question, answer) of an example kind; None when the record has no portability question."""
@@ -135,7 +149,7 @@ class ZsRETask(Task):
 
     def __init__(self, source: Any, *, kinds: Sequence[str] = KINDS, n_distractor_edits: int = 0,
                  dev_fraction: float = 0.2, split_seed: int = 0, layout: str = "memory", window: int | None = None,
-                 overflow: str = "drop_oldest", counterfactual_alts: int = 0,
+                 overflow: str = "drop_oldest", counterfactual_alts: int = 0, counterfactual_pool: str = "alts",
                  locality_targets: Mapping[Any, str] | str | None = None):
         super().__init__(layout=layout, window=window, overflow=overflow)
         unknown = set(kinds) - set(TRAIN_KINDS)
@@ -146,7 +160,9 @@ class ZsRETask(Task):
         if counterfactual_alts < 0:
             raise GmemError(f"zsre: counterfactual_alts={counterfactual_alts} must be >= 0")
         self.source, self.kinds, self.n_distractor_edits = source, tuple(kinds), n_distractor_edits
-        self.counterfactual_alts = counterfactual_alts
+        if counterfactual_pool not in POOLS:
+            raise GmemError(f"zsre: counterfactual_pool={counterfactual_pool!r}; choose from {', '.join(POOLS)}")
+        self.counterfactual_alts, self.counterfactual_pool = counterfactual_alts, counterfactual_pool
         if locality_targets in ("frozen", "frozen_argmax"):
             raise GmemError(f"zsre: locality_targets={locality_targets!r} needs the frozen model; it is resolved by "
                             "the trainer (gmem_jax.training.builders.build_train_examples), pass a mapping here")
@@ -177,12 +193,16 @@ class ZsRETask(Task):
         return out
 
     def _variants(self, rec: ZsreRecord, records: Sequence[ZsreRecord], seed: int) -> list[ZsreRecord]:
-        """The record itself, or `counterfactual_alts` copies with another record's alt (never its own)."""
+        """The record itself, or `counterfactual_alts` copies whose alt is drawn from `counterfactual_pool`: another
+        record's alt (never its own), or any answer string of the split but this record's own."""
         if not self.counterfactual_alts:
             return [rec]
-        pool = sorted({r.alt.strip() for r in records} - {rec.alt.strip()})
+        if self.counterfactual_pool == "alts":
+            pool = sorted({r.alt.strip() for r in records} - {rec.alt.strip()})
+        else:
+            pool = sorted(set().union(*(r.answer_strings() for r in records)) - rec.answer_strings())
         if not pool:
-            raise GmemError("zsre: counterfactual_alts needs at least two different alts in the split")
+            raise GmemError("zsre: counterfactual_alts needs at least two different answers in the split")
         rng = np.random.default_rng([seed, rec.index, 1])
         return [dataclasses.replace(rec, alt=pool[i]) for i in rng.choice(len(pool), self.counterfactual_alts)]
 
@@ -242,7 +262,9 @@ class ZsRETask(Task):
                              answer), the fraction of answer positions where 'answer_preds' equals them, averaged
                              per example then over examples; 'locality' above compares whole generations instead;
           '{kind}_token_em'  mean of predictions' 'token_em' (teacher-forced token accuracy against the gold
-                             answer, see metrics.token_em) where given.
+                             answer, see metrics.token_em) where given;
+          '{kind}_em_novel', '{kind}_token_em_novel'  the same two over the examples whose gold answer is novel
+                             (normalized, not among the train split's answer strings); absent when none is.
         """
         kind = lambda ex: ex.meta["kind"]  # noqa: E731
         out = {f"{k}_em": v for k, v in grouped_mean(examples, lambda ex: answer_em(predictions, ex), kind).items()}
@@ -266,6 +288,13 @@ class ZsRETask(Task):
         out.update({f"{k}_token_agreement": v for k, v in grouped_mean(examples, token_agreement, kind).items()})
         token = grouped_mean(examples, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
         out.update({f"{k}_token_em": v for k, v in token.items()})
+        seen = {normalize_answer(a) for r in self.records("train") for a in r.answer_strings()}
+        novel = [ex for ex in examples if kind(ex) != "locality" and not {normalize_answer(a)
+                                                                          for a in ex.meta["answers"]} & seen]
+        out.update({f"{k}_em_novel": v for k, v in grouped_mean(novel, lambda ex: answer_em(predictions, ex),
+                                                                 kind).items()})
+        token = grouped_mean(novel, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
+        out.update({f"{k}_token_em_novel": v for k, v in token.items()})
         return out
 
     def texts(self, split: str) -> Iterable[str]:

@@ -1,6 +1,7 @@
 """ZsRE: parsing, the deterministic split, example kinds and layouts, and the editing metrics."""
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,10 +124,64 @@ def test_score(zsre_file, gpt2_tok):
                               "answer_preds": [5, 6, 7, 8], "reference_preds": [5, 6, 0, 8]}
     preds[loc1.meta["id"]] = {"answer": loc1.meta["answers"][0], "reference": "something else", "token_em": 0.0,
                               "answer_preds": [1, 2], "reference_preds": [1, 3, 4]}
-    scores = task.score(preds, exs)
+    scores = {k: v for k, v in task.score(preds, exs).items() if not k.endswith("_novel")}  # novel: next test
     assert scores == pytest.approx({"reliability_em": 1.0, "generalization_em": 0.0, "locality_em": 0.5,
                                     "locality": 0.5, "reliability_token_em": 1.0, "generalization_token_em": 0.5,
                                     "locality_token_em": 0.5, "locality_token_agreement": (3 / 4 + 1 / 2) / 2})
+
+
+def _record(i, alt, loc_ans="somewhere", answers=("true",), portability=None):
+    return {"subject": f"Subject {i}", "src": f"What is subject {i}?", "rephrase": f"Subject {i} is what?",
+            "alt": alt, "pred": "guess", "answers": list(answers), "loc": "nq question: who is it", "loc_ans": loc_ans,
+            **({"portability": {"New Question": f"Q{i}?", "New Answer": portability}} if portability else {})}
+
+
+def test_score_splits_out_novel_answers():
+    """'{kind}_em_novel' scores only the dev examples whose gold answer (normalized) is none of the train split's
+    answer strings (alt, pred, true answers, locality and portability answers)."""
+    records = [_record(i, f"Alt {i}", loc_ans=f"Loc {i}", portability=f"Port {i}") for i in range(10)]
+    task = ZsRETask(records, kinds=["reliability", "locality"])
+    dev, train = task.records("dev"), task.records("train")
+    assert len(dev) == 2
+    # make one dev edit's answer a train record's locality answer (seen, via a field other than alt; the split
+    # does not depend on loc_ans)
+    records[train[3].index]["loc_ans"] = f"the {dev[0].alt}!"  # the same after normalization
+    task = ZsRETask(records, kinds=["reliability", "portability", "locality"])
+    seen, novel = task.records("dev")
+    assert seen.index == dev[0].index
+
+    exs = [SimpleNamespace(meta={"id": f"{r.index}-{k}", "kind": k, "answers": [a]})  # score() reads only meta
+           for r in (seen, novel) for k, a in (("reliability", r.alt), ("portability", r.portability[1]),
+                                                ("locality", r.loc_ans))]
+    preds = {f"{seen.index}-reliability": {"answer": seen.alt, "token_em": 1.0},
+             f"{novel.index}-reliability": {"answer": "wrong", "token_em": 0.25},
+             f"{novel.index}-portability": {"answer": novel.portability[1], "token_em": 1.0}}
+    scores = task.score(preds, exs)
+    assert scores["reliability_em"] == 0.5 and scores["reliability_token_em"] == pytest.approx(0.625)
+    assert scores["reliability_em_novel"] == 0.0 and scores["reliability_token_em_novel"] == 0.25
+    assert scores["portability_em_novel"] == scores["portability_em"] == 0.5  # "Port i": both dev answers novel
+    assert not [k for k in scores if k.startswith("locality") and k.endswith("_novel")]
+    # every answer seen: no novel keys at all
+    assert not [k for k in task.score(preds, [e for e in exs if e.meta["id"].startswith(f"{seen.index}-r")])
+                if k.endswith("_novel")]
+
+
+def test_counterfactual_pool_answers(zsre_file, gpt2_tok):
+    """counterfactual_pool='answers': the new answers come from every answer string of the split (not only alts),
+    never one of the record's own; deterministic per seed."""
+    task = ZsRETask(zsre_file, kinds=["reliability"], counterfactual_alts=3, counterfactual_pool="answers")
+    records = {r.index: r for r in task.records("train")}
+    pool = set().union(*(r.answer_strings() for r in records.values()))
+    alts = {r.alt.strip() for r in records.values()}
+    exs = task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, seed=0, limit=20)
+    drawn = [(e.meta["record_index"], e.meta["answers"][0]) for e in exs]
+    assert len(drawn) == 60
+    assert all(a in pool and a not in records[i].answer_strings() for i, a in drawn)
+    assert len({a for _, a in drawn} - alts) > 20  # mostly strings no record has as its alt
+    again = task.examples("train", gpt2_tok, n_seg=2, seg_len=64, max_sents=4, seed=0, limit=20)
+    assert [e.meta["answers"] for e in again] == [e.meta["answers"] for e in exs]
+    with pytest.raises(GmemError, match="counterfactual_pool='alt'"):
+        ZsRETask(zsre_file, counterfactual_pool="alt")
 
 
 def test_counterfactual_alts_and_locality_targets(zsre_file, gpt2_tok):
