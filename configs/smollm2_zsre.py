@@ -16,7 +16,7 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
                             this record's edit, the frozen model's argmax as target, out of scope): in-style
                             negatives for the scope gate;
   scoped_open               scoped, but the counterfactual answers come from every answer string of the train
-                            split (~1,700, each seen about once) instead of its ~670 alts, so the memory cannot
+                            split (~2,200, each seen about once) instead of its ~670 alts, so the memory cannot
                             learn the answers as a closed set and must copy from the edit.
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.

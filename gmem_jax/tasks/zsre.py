@@ -22,8 +22,9 @@ Training options (train split only; evaluation always uses the real edits):
                          portability is skipped (its answer follows from the real edit).
   counterfactual_pool    where those new answers come from: 'alts' (the split's alts, ~670 strings, each seen
                          several times, so a memory can learn them as a closed set of classes) or 'answers' (every
-                         answer string of the split: alts, true answers, preds, locality and portability answers,
-                         ~1,700, each seen about once per run, so only copying from the edit pays).
+                         answer string of the split, alts, true answers, preds, locality and portability answers,
+                         no longer in words than its longest alt: ~2,200, each seen about once per run, so only
+                         copying from the edit pays).
   locality_targets       {record index: answer} (or a JSON file of it): the locality target becomes this answer,
                          e.g. the frozen model's own (`training.builders.frozen_locality_targets`), so training
                          teaches the memory to leave unrelated questions alone. (The trainer also accepts
@@ -200,7 +201,10 @@ class ZsRETask(Task):
         if self.counterfactual_pool == "alts":
             pool = sorted({r.alt.strip() for r in records} - {rec.alt.strip()})
         else:
-            pool = sorted(set().union(*(r.answer_strings() for r in records)) - rec.answer_strings())
+            # no longer than the longest alt: some NQ answers are whole sentences that would not fit a segment
+            words = max(len(r.alt.split()) for r in records)
+            pool = sorted(a for a in set().union(*(r.answer_strings() for r in records)) - rec.answer_strings()
+                          if len(a.split()) <= words)
         if not pool:
             raise GmemError("zsre: counterfactual_alts needs at least two different answers in the split")
         rng = np.random.default_rng([seed, rec.index, 1])
