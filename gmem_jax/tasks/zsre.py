@@ -173,6 +173,7 @@ class ZsRETask(Task):
                                                                         for k, v in locality_targets.items()}
         self.dev_fraction, self.split_seed = dev_fraction, split_seed
         self._records: list[ZsreRecord] | None = None
+        self._train_answers: set[str] | None = None  # normalized, for answer_is_novel
 
     def records(self, split: str) -> list[ZsreRecord]:
         if self._records is None:  # one file holds every split
@@ -292,14 +293,20 @@ class ZsRETask(Task):
         out.update({f"{k}_token_agreement": v for k, v in grouped_mean(examples, token_agreement, kind).items()})
         token = grouped_mean(examples, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
         out.update({f"{k}_token_em": v for k, v in token.items()})
-        seen = {normalize_answer(a) for r in self.records("train") for a in r.answer_strings()}
-        novel = [ex for ex in examples if kind(ex) != "locality" and not {normalize_answer(a)
-                                                                          for a in ex.meta["answers"]} & seen]
+        novel = [ex for ex in examples if self.answer_is_novel(ex)]
         out.update({f"{k}_em_novel": v for k, v in grouped_mean(novel, lambda ex: answer_em(predictions, ex),
                                                                  kind).items()})
         token = grouped_mean(novel, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
         out.update({f"{k}_token_em_novel": v for k, v in token.items()})
         return out
+
+    def answer_is_novel(self, example: SegmentedExample) -> bool:
+        """True for a non-locality example none of whose gold answers (normalized) is an answer string of the train
+        split, i.e. no training recipe had it as a target."""
+        if self._train_answers is None:
+            self._train_answers = {normalize_answer(a) for r in self.records("train") for a in r.answer_strings()}
+        return example.meta["kind"] != "locality" and not {normalize_answer(a)
+                                                           for a in example.meta["answers"]} & self._train_answers
 
     def texts(self, split: str) -> Iterable[str]:
         yield QA_PROMPT.format(question="")
