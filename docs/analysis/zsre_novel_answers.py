@@ -6,7 +6,7 @@ docs/results.md, not part of the package; no model is run).
 For each directory written by `python -m gmem_jax.evaluate --config configs/smollm2_zsre.py ... --output_dir`,
 re-scores its saved predictions on the dev edits split two ways (ZsRETask.answer_is_novel): answers that appear
 among the train split's answer strings ("seen": a recipe may have trained on them as targets) and answers that do
-not ("novel"). Prints exact match and teacher-forced answer-token accuracy per system, kind and subset, and what
+not ("novel"). Prints exact match, teacher-forced answer-token accuracy (and its first token's) per system, kind and subset, and what
 the memory's wrong answers are (a train split answer string, the frozen model's answer, or something else).
 """
 import argparse
@@ -34,8 +34,8 @@ def main():
                "novel": [ex for ex in examples if ex.meta["kind"] in KINDS and task.answer_is_novel(ex)]}
     n = {name: sum(ex.meta["kind"] == "reliability" for ex in exs) for name, exs in subsets.items()}
     print(f"dev reliability questions: {n['seen']} seen answers, {n['novel']} novel")
-    print("| run | system | subset | rel em | rel token acc | gen em | gen token acc |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | system | subset | rel em | rel token acc | rel first token | gen em | gen token acc |")
+    print("|---|---|---|---|---|---|---|---|")
     for d in args.eval_dirs:
         preds = json.loads((d / "eval_results.json").read_text())["predictions"]
         for system in ("memory", "in_prompt", "frozen"):
@@ -43,8 +43,13 @@ def main():
                 continue  # the baselines are the same in every run
             for name, exs in subsets.items():
                 s = task.score(preds[system], exs)
+                hits = [preds[system][ex.meta["id"]]["answer_hits"][0] for ex in exs
+                        if ex.meta["kind"] == "reliability" and preds[system].get(ex.meta["id"], {}).get("answer_hits")]
+                s["reliability_first"] = sum(hits) / max(len(hits), 1)
                 print(f"| {d.name} | {system} | {name} | " + " | ".join(
-                    f"{100 * s.get(f'{k}_{m}', float('nan')):.1f}" for k in KINDS for m in ("em", "token_em")) + " |")
+                    f"{100 * s.get(f'{k}_{m}', float('nan')):.1f}" for k, m in (
+                        ("reliability", "em"), ("reliability", "token_em"), ("reliability", "first"),
+                        ("generalization", "em"), ("generalization", "token_em"))) + " |")
         wrong = {"train answer": 0, "frozen's answer": 0, "other": 0}
         for ex in subsets["novel"]:
             i = ex.meta["id"]
