@@ -139,7 +139,8 @@ def test_evaluation_runs_every_system_with_exact_metrics(tok, setup):
     assert {p["answer"] for p in preds["frozen"].values()} == {"Paris"}
 
     # the *_novel split is ZsRETask's own (tests/tasks/test_zsre.py); here: the systems
-    r = {system: {k: v for k, v in res.items() if not k.endswith("_novel")} for system, res in report["results"].items()}
+    r = {system: {k: v for k, v in res.items() if not k.endswith("_novel")}
+         for system, res in report["results"].items()}
     assert r["frozen"] == {"reliability_em": 0.0, "generalization_em": 0.0, "locality_em": 1.0,
                            "portability_em": 0.5, "locality": 1.0}
     assert r["in_prompt"] == {"reliability_em": 0.5, "generalization_em": 0.5, "locality_em": 0.0,
