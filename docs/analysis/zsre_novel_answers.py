@@ -7,7 +7,8 @@ For each directory written by `python -m gmem_jax.evaluate --config configs/smol
 re-scores its saved predictions on the dev edits split two ways (ZsRETask.answer_is_novel): answers that appear
 among the train split's answer strings ("seen": a recipe may have trained on them as targets) and answers that do
 not ("novel"). Prints exact match, teacher-forced answer-token accuracy (and its first token's) per system,
-kind and subset, and what the memory's wrong answers are (a train split answer string, the frozen model's answer, or something else).
+kind and subset, and what the memory's wrong answers are (a train split answer string, the frozen model's answer,
+or something else).
 """
 import argparse
 import json
