@@ -272,7 +272,14 @@ class ZsRETask(Task):
                              (normalized, not among the train split's answer strings); absent when none is.
         """
         kind = lambda ex: ex.meta["kind"]  # noqa: E731
-        out = {f"{k}_em": v for k, v in grouped_mean(examples, lambda ex: answer_em(predictions, ex), kind).items()}
+
+        def em_and_token_em(exs, suffix=""):  # '{kind}_em{suffix}', '{kind}_token_em{suffix}' over exs
+            em = grouped_mean(exs, lambda ex: answer_em(predictions, ex), kind)
+            token = grouped_mean(exs, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
+            return {**{f"{k}_em{suffix}": v for k, v in em.items()},
+                    **{f"{k}_token_em{suffix}": v for k, v in token.items()}}
+
+        out = em_and_token_em(examples)
 
         def reference_agreement(ex):
             p = predictions.get(ex.meta["id"], {})
@@ -291,13 +298,7 @@ class ZsRETask(Task):
 
         out.update(grouped_mean(examples, reference_agreement, kind))
         out.update({f"{k}_token_agreement": v for k, v in grouped_mean(examples, token_agreement, kind).items()})
-        token = grouped_mean(examples, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
-        out.update({f"{k}_token_em": v for k, v in token.items()})
-        novel = [ex for ex in examples if self.answer_is_novel(ex)]
-        out.update({f"{k}_em_novel": v for k, v in grouped_mean(novel, lambda ex: answer_em(predictions, ex),
-                                                                 kind).items()})
-        token = grouped_mean(novel, lambda ex: predictions.get(ex.meta["id"], {}).get("token_em"), kind)
-        out.update({f"{k}_token_em_novel": v for k, v in token.items()})
+        out.update(em_and_token_em([ex for ex in examples if self.answer_is_novel(ex)], "_novel"))
         return out
 
     def answer_is_novel(self, example: SegmentedExample) -> bool:
