@@ -187,25 +187,30 @@ class ZsRETask(Task):
         edit's place among them are drawn from (seed, record index)."""
         check_dims(self.name, n_seg, seg_len, max_sents)
         records = self.records(split)
+        pool = self._answer_pool(records) if self.counterfactual_alts else []
         out = []
         for rec in records[:limit]:
-            for variant, edited in enumerate(self._variants(rec, records, seed)):
+            for variant, edited in enumerate(self._variants(rec, pool, seed)):
                 out.extend(self._record_examples(edited, records, tokenizer, seed, variant, n_seg=n_seg,
                                                  seg_len=seg_len, max_sents=max_sents))
         return out
 
-    def _variants(self, rec: ZsreRecord, records: Sequence[ZsreRecord], seed: int) -> list[ZsreRecord]:
-        """The record itself, or `counterfactual_alts` copies whose alt is drawn from `counterfactual_pool`: another
-        record's alt (never its own), or any answer string of the split but this record's own."""
+    def _answer_pool(self, records: Sequence[ZsreRecord]) -> list[str]:
+        """The sorted strings counterfactual answers are drawn from: the split's alts, or every answer string of
+        the split no longer in words than its longest alt (some NQ answers are whole sentences that would not fit a
+        segment)."""
+        if self.counterfactual_pool == "alts":
+            return sorted({r.alt.strip() for r in records})
+        words = max(len(r.alt.split()) for r in records)
+        return sorted({a for r in records for a in r.answer_strings() if len(a.split()) <= words})
+
+    def _variants(self, rec: ZsreRecord, pool: Sequence[str], seed: int) -> list[ZsreRecord]:
+        """The record itself, or `counterfactual_alts` copies whose alt is drawn from `pool` (`_answer_pool`) less
+        this record's own alt ('alts') or own answer strings ('answers')."""
         if not self.counterfactual_alts:
             return [rec]
-        if self.counterfactual_pool == "alts":
-            pool = sorted({r.alt.strip() for r in records} - {rec.alt.strip()})
-        else:
-            # no longer than the longest alt: some NQ answers are whole sentences that would not fit a segment
-            words = max(len(r.alt.split()) for r in records)
-            pool = sorted(a for a in set().union(*(r.answer_strings() for r in records)) - rec.answer_strings()
-                          if len(a.split()) <= words)
+        own = {rec.alt.strip()} if self.counterfactual_pool == "alts" else rec.answer_strings()
+        pool = [a for a in pool if a not in own]
         if not pool:
             raise GmemError("zsre: counterfactual_alts needs at least two different answers in the split")
         rng = np.random.default_rng([seed, rec.index, 1])
