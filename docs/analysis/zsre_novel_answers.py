@@ -30,7 +30,7 @@ def main():
     tok = builders.build_tokenizer(config, task)
     examples = builders.build_examples(config, task, tok, config.task.eval_split, config.task.eval_limit,
                                        config.task.seed)
-    train_answers = {normalize_answer(a) for r in task.records("train") for a in r.answer_strings()}
+    train_answers = task.train_answers()
     subsets = {"seen": [ex for ex in examples if ex.meta["kind"] in KINDS and not task.answer_is_novel(ex)],
                "novel": [ex for ex in examples if ex.meta["kind"] in KINDS and task.answer_is_novel(ex)]}
     n = {name: sum(ex.meta["kind"] == "reliability" for ex in exs) for name, exs in subsets.items()}

@@ -309,10 +309,14 @@ class ZsRETask(Task):
     def answer_is_novel(self, example: SegmentedExample) -> bool:
         """True for a non-locality example none of whose gold answers (normalized) is an answer string of the train
         split, i.e. no training recipe had it as a target."""
+        return example.meta["kind"] != "locality" and not {normalize_answer(a)
+                                                           for a in example.meta["answers"]} & self.train_answers()
+
+    def train_answers(self) -> set[str]:
+        """Every answer string of the train split, normalized (cached)."""
         if self._train_answers is None:
             self._train_answers = {normalize_answer(a) for r in self.records("train") for a in r.answer_strings()}
-        return example.meta["kind"] != "locality" and not {normalize_answer(a)
-                                                           for a in example.meta["answers"]} & self._train_answers
+        return self._train_answers
 
     def texts(self, split: str) -> Iterable[str]:
         yield QA_PROMPT.format(question="")
