@@ -140,6 +140,13 @@ class MemoryConfig:
       The training data says which questions an edit concerns (ZsRE: all but locality; `train` labels them when
       this is > 0), as SERAC's scope classifier and GRACE's deferral radius use it; without it a read that helps
       every question's answer format stayed on the edit's slots for unrelated questions too (docs/results.md).
+    pointer_weight: keyed write, update gate, final injection. Weight of a copy-supervision (pointer) loss: at every
+      loss position whose target token occurs among the real tokens of the segment written just before, -log of the
+      share of what the read retrieves there (head-averaged) that is those tokens' values, the share computed from
+      the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the read where the
+      answer was written, which CE alone did not teach it (ZsRE: 0-4% of the dev edits with a new answer recalled,
+      docs/results.md, "Seen and novel answers"). Tokens written two or more segments back are not counted, nor
+      examples whose batch `scope` is 0 (the written segment does not concern them). 0: off.
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
@@ -184,6 +191,7 @@ class MemoryConfig:
     sp_weight: float = 1.0
     scope_weight: float = 0.0
     scope_gate: bool = False
+    pointer_weight: float = 0.0
     scope_gate_scale: float = 10.0
     scope_gate_bias: float = -5.0
     dtype: str = "float32"
@@ -228,6 +236,11 @@ class MemoryConfig:
                                            and self.gate == "update" and (self.mem_dim // self.num_heads) % 2 == 0):
             raise GmemError("memory read_by_write_key needs read_written_only=True, read_by_content=False, "
                             "gate='update' (a GRU candidate would remix the stored keys) and an even mem_dim/num_heads")
+        if self.pointer_weight < 0 or (self.pointer_weight and not (
+                self.write_attention == "keyed" and self.gate == "update" and self.injection == "final")):
+            raise GmemError(f"memory pointer_weight={self.pointer_weight} needs write_attention='keyed', gate='update' "
+                            "and injection='final' (what a read retrieves is then a known mix of the written tokens), "
+                            "and a value >= 0 (0 turns it off)")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

@@ -205,10 +205,13 @@ def forward_segments(
 
     # memory.later_train_content: a second copy of the state (the same values) carries the later targets' gradient
     content = use_memory and mcfg.later_train_content
+    # memory.pointer_weight: the carry also holds the last written segment's tokens and provenance (GMemory.write)
+    pointer = use_memory and mcfg.pointer_weight > 0
 
     def seg_step(carry, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
-        state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry)
+        state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry[:2])
+        ptr = carry[2]
         detach = _later_targets(lmask, mcfg.read_grad_targets)
         hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
                              content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None)
@@ -234,9 +237,17 @@ def forward_segments(
             h_sel, take(lab))
         w = take(lmask).astype(jnp.float32)
         correct = (pred == take(lab)).astype(jnp.float32) * w
+        if pointer:
+            # a question the written segment does not concern (scope label 0) has nothing to point at there
+            in_scope = w if "scope" not in batch else w * (batch["scope"] != 0)[:, None]
+            ptr, ptr_ys = _pointer_terms(ptr, rst, take_rows(alpha), take(lab), in_scope)
         if use_memory:
-            new_state, z = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override, False,
-                                 h_final)
+            new_state, z, *prov = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
+                                        False, h_final, pointer)
+            if pointer:  # a segment with no real tokens writes nothing: the last written one stays
+                wrote = jnp.any(msk, -1)
+                ptr = (jnp.where(wrote[:, None, None], prov[0], ptr[0]),
+                       jnp.where(wrote[:, None], tok, ptr[1]), jnp.where(wrote[:, None], msk, ptr[2]))
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
                                          gate_override, True, h_final)
@@ -244,6 +255,8 @@ def forward_segments(
                 cut = (k + 1) % mcfg.bptt_depth == 0  # truncated BPTT: no gradient into older segments
                 new_state, content_state = (None if x is None else jnp.where(cut, jax.lax.stop_gradient(x), x)
                                             for x in (new_state, content_state))
+                if pointer:
+                    ptr = (jnp.where(cut, jax.lax.stop_gradient(ptr[0]), ptr[0]),) + ptr[1:]
         else:
             new_state, z = state, jnp.zeros_like(state)
         s = _call(mem_params, cfg, mcfg, GMemory.importance, new_state)
@@ -251,6 +264,8 @@ def forward_segments(
                   sparsity=losses.importance_sparsity(s), entropy=losses.importance_entropy(s),
                   usage=alpha.mean((0, 1)), gate=z.mean((0, 2)), spread=slot_spread(take_rows(alpha)),
                   mass=take_rows(alpha).sum(-1))
+        if pointer:
+            ys.update(ptr_ys)
         if mcfg.scope_weight:  # which read positions the scope loss counts
             ys["has_loss"] = w > 0
         if read_gate is not None:  # memory.token_gate / scope_gate: how much the answer positions let through
@@ -260,7 +275,7 @@ def forward_segments(
         if sp:
             ys["sent_h"] = jnp.take_along_axis(hidden, spos[..., None], axis=1)  # [B, Ms, H]
             ys["question"] = _question_vector(hidden, msk, lmask)
-        return (new_state, content_state), ys
+        return (new_state, content_state, ptr), ys
 
     if mcfg.remat:
         seg_step = jax.checkpoint(seg_step, prevent_cse=False,
@@ -271,7 +286,11 @@ def forward_segments(
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
                                           batch["loss_mask"].astype(jnp.float32), reset, spos)),
           None if features is None else jax.tree.map(seg_major, features))
-    (final_state, _), ys = jax.lax.scan(seg_step, (state0, state0 if content else None), xs)
+    ptr0 = None
+    if pointer:  # nothing written yet: zero provenance over a segment of no real tokens
+        ptr0 = (jnp.zeros((B, mcfg.num_slots, T), jnp.float32), jnp.zeros((B, T), tokens.dtype),
+                jnp.zeros((B, T), bool))
+    (final_state, _, _), ys = jax.lax.scan(seg_step, (state0, state0 if content else None, ptr0), xs)
 
     nll, ntok, correct = ys["nll"].sum(0), ys["tokens"].sum(0), ys["correct"].sum(0)  # [B]
     total_tokens = jnp.maximum(ntok.sum(), 1.0)
@@ -299,6 +318,11 @@ def forward_segments(
         bce = -(y * jnp.log(m) + (1.0 - y) * jnp.log1p(-m))
         metrics["scope_bce"] = jnp.where(valid, bce, 0.0).sum() / jnp.maximum(valid.sum(), 1)
         loss = loss + mcfg.scope_weight * metrics["scope_bce"]
+    if pointer:
+        n_ptr = jnp.maximum(ys["ptr_n"].sum(), 1.0)
+        metrics["pointer"] = ys["ptr_nll"].sum() / n_ptr
+        metrics["pointer_mass"] = ys["ptr_mass"].sum() / n_ptr
+        loss = loss + mcfg.pointer_weight * metrics["pointer"]
     metrics["loss"] = loss
     return SegmentOutputs(
         loss=loss, metrics=metrics, state=final_state,
@@ -309,6 +333,25 @@ def forward_segments(
         sp_logits=sp_logits, slot_usage=ys["usage"].mean(0), gate_mean=ys["gate"].mean(0),
         scope_gate=jnp.swapaxes(ys["scope_g"], 0, 1) if mcfg.scope_gate else None,
     )
+
+
+def _pointer_terms(ptr: tuple, reset: jax.Array, alpha: jax.Array, labels: jax.Array,
+                   weight: jax.Array) -> tuple[tuple, dict]:
+    """memory.pointer_weight's loss terms at a segment's K loss positions. ptr = (provenance P [B, S, T], tokens
+    [B, T], token_mask [B, T]) of the segment written last; reset [B]; alpha [B, K, S] the head-averaged read weights
+    there, labels/weight [B, K]. The share of what a position retrieves that is a written token equal to its target
+    is sum over those tokens of beta_t = sum_s alpha_s P_st; positions whose target was not written (or that have no
+    loss) do not count. Returns (ptr with reset documents cleared, {ptr_nll, ptr_n, ptr_mass: [B]})."""
+    prov, ptok, pmask = ptr
+    prov = jnp.where(reset[:, None, None], 0.0, prov)
+    pmask = pmask & ~reset[:, None]
+    beta = jnp.einsum("bks,bst->bkt", alpha, prov)
+    hit = (ptok[:, None, :] == labels[:, :, None]) & pmask[:, None, :]  # [B, K, T]
+    mass = jnp.sum(jnp.where(hit, beta, 0.0), -1)
+    valid = (weight > 0) & jnp.any(hit, -1)
+    terms = dict(ptr_nll=jnp.where(valid, -jnp.log(mass + 1e-6), 0.0).sum(-1), ptr_n=valid.sum(-1).astype(jnp.float32),
+                 ptr_mass=jnp.where(valid, mass, 0.0).sum(-1))
+    return (prov, ptok, pmask), terms
 
 
 def frozen_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,

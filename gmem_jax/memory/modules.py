@@ -208,7 +208,9 @@ class GMemory(nn.Module):
         return y.reshape(y.shape[:-1] + (nh, y.shape[-1] // nh)).astype(jnp.float32)
 
     def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array, content_only: bool = False):
-        """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S]).
+        """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S],
+        the content weights [B, heads, S, T]: how much of what slot s stores (per head) is token t's value, rows
+        summing to 1 where the slot won anything, since A_s = W_o(sum_t w_st v_t) + b_o = sum_t w_st (W_o v_t + b_o)).
 
         Per head, every real token distributes one unit of weight over the slots (softmax over S); slot s stores
         the weighted mean of the values of what it won, and its write strength is min(1, weight won), averaged
@@ -261,13 +263,17 @@ class GMemory(nn.Module):
         if self.cfg.read_by_write_key:  # each head's first half stores the write keys of what the slot won
             stored_key = jnp.einsum("bhst,bthd->bshd", content_weights, k)[..., : k.shape[-1] // 2]
             a = jnp.concatenate([stored_key, self._split_heads(a)[..., k.shape[-1] // 2:]], -1).reshape(B, S, M)
-        return a, strength.mean(1)
+        return a, strength.mean(1), content_weights
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
-              content_only: bool = False, summary_h: Optional[jax.Array] = None):
+              content_only: bool = False, summary_h: Optional[jax.Array] = None, provenance: bool = False):
         """Consolidate a segment into memory.
 
-        state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]).
+        state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]),
+        and with provenance=True (memory.pointer_weight; keyed write, update gate) a third item P [B, S, T]: the share
+        of slot s's new content that is token t's value, z_s (its gate, averaged over channels) times token t's
+        content weight averaged over the heads (each head mixes its part of the values, W_o then mixes the heads),
+        so a read with weights alpha [S] retrieves about sum_t (alpha P)_t of token t's value from this segment.
         A segment with no real tokens (front padding) leaves the memory exactly unchanged. gate_override forces the
         update gate (0 = closed, 1 = open) for tests and ablations. content_only (memory.later_train_content; not
         for write_attention="tokens"): the same values, but which slot gets what and how much of it (the
@@ -285,7 +291,7 @@ class GMemory(nn.Module):
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
             strength = None
         else:
-            a, strength = self._slot_competitive_write(state, x, mask, content_only)
+            a, strength, content_weights = self._slot_competitive_write(state, x, mask, content_only)
         gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
         if content_only:
             gates = jax.lax.stop_gradient(gates)
@@ -304,6 +310,10 @@ class GMemory(nn.Module):
         if summary is not None:  # a segment with no real tokens adds nothing (front padding)
             add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(summary_h, mask), 0.0)
             new = jnp.concatenate([new, (summary + add)[:, None]], 1)
+        if provenance:
+            if c.write_attention != "keyed" or c.gate != "update":
+                raise GmemError("memory write provenance needs write_attention='keyed' and gate='update'")
+            return new, z, z.mean(-1)[..., None] * content_weights.mean(1)
         return new, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------

@@ -36,4 +36,4 @@ def perturbed_memory(cfg, mcfg, seed=1, scale=0.3):
 
 
 def small_memory(injection="final", **kw):
-    return MemoryConfig(num_slots=8, mem_dim=16, num_heads=2, injection=injection, read_layer=1, **kw)
+    return MemoryConfig(**{**dict(num_slots=8, mem_dim=16, num_heads=2, injection=injection, read_layer=1), **kw})

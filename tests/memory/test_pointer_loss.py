@@ -1,0 +1,133 @@
+"""memory.pointer_weight: the write's provenance (which token's value each slot now holds) and the pointer loss built
+from it (-log of the share of what a read retrieves that is the written token equal to its target)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmem_jax.errors import GmemError
+from gmem_jax.memory.model import forward_segments, frozen_features, init_memory, memory_module
+from gmem_jax.memory.modules import GMemory
+
+from memory_testlib import random_batch, small_memory, tiny_backbone
+
+
+def _keyed(**kw):
+    return small_memory("final", write_attention="keyed", write_key_window=3, write_recency=2.0, **kw)
+
+
+def _call(cfg, mcfg, mem):
+    return lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_provenance_decomposes_one_head_write_exactly(top_k):
+    """One head, gate forced open: each slot's change is exactly sum_t P_st (W_o v_t + b_o) - z_s Mem_s, so P says
+    which token's value a slot holds and how much of it; padding owns nothing."""
+    cfg, _ = tiny_backbone("llama")
+    mcfg = _keyed(num_heads=1, write_top_k=top_k)
+    mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    call = _call(cfg, mcfg, mem)
+    h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
+    state = jax.random.normal(jax.random.PRNGKey(3), (2, mcfg.num_slots, mcfg.mem_dim))
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    new, z, prov = call(state, h, mask, 1.0, provenance=True, method=GMemory.write)
+    plain, _ = call(state, h, mask, 1.0, method=GMemory.write)
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(plain))  # provenance changes nothing written
+    u = call(h, method=lambda m, y: m.write_o(m.write_v(m.encode(y, "write"))))  # [B, T, M]
+    zs = np.asarray(z)[..., 0]  # gate forced open: z is the slot's write strength, the same on every channel
+    expect = np.einsum("bst,btm->bsm", np.asarray(prov), np.asarray(u)) + (1 - zs)[..., None] * np.asarray(state)
+    np.testing.assert_allclose(np.asarray(new), expect, rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(prov)[0, :, 3:] == 0)
+    # each slot's shares add up to how much of it was rewritten (1e-6 of a slot that won ~nothing stays unowned)
+    np.testing.assert_allclose(np.asarray(prov).sum(-1), zs, atol=1e-4)
+    assert zs.max() > 0.99 and (top_k == 0 or (zs > 0).sum(-1).max() <= top_k)
+
+
+def test_provenance_needs_keyed_write_and_update_gate():
+    with pytest.raises(GmemError, match="pointer_weight=1.0 needs write_attention='keyed'"):
+        small_memory("final", write_attention="slots", pointer_weight=1.0)
+    with pytest.raises(GmemError, match="gate='update'"):
+        _keyed(gate="gru", pointer_weight=1.0)
+    with pytest.raises(GmemError, match="needs write_attention='keyed'"):
+        _keyed(pointer_weight=-0.1)
+
+
+def _copy_batch(cfg, B=3, N=3, T=8):
+    """Random documents whose later segments have some targets equal to tokens of the segment before them."""
+    b = random_batch(cfg, B=B, N=N, T=T, seed=3, loss_frac=0.6)
+    rng = np.random.default_rng(5)
+    for n in range(1, N):
+        copy = rng.random((B, T)) < 0.5
+        src = b["tokens"][:, n - 1, :][np.arange(B)[:, None], rng.integers(0, 5, (B, T))]  # real tokens (t < 6)
+        b["labels"][:, n] = np.where(copy, src, b["labels"][:, n])
+    return b
+
+
+def test_pointer_loss_matches_a_recomputation_from_the_public_pieces():
+    """pointer = mean over loss positions whose target was written in the segment just before (and not across a
+    reset) of -log sum_{t: token_t = target} (alpha P)_t, alpha the head-averaged read weights there (GMemory.read),
+    P the provenance of that segment's write; the loss adds pointer_weight x pointer."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _keyed(pointer_weight=0.5, write_layer=1)
+    mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    call = _call(cfg, mcfg, mem)
+    b = _copy_batch(cfg)
+    b["reset"] = np.zeros((3, 3), bool)
+    b["reset"][1, 2] = True  # example 1's last segment starts from a fresh memory: nothing to point at
+    out = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg)
+    off = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg.replace(pointer_weight=0.0))
+
+    B, N, T = b["tokens"].shape
+    state = np.asarray(call(B, method=GMemory.initial_state))
+    nll, mass, count, prov, written = 0.0, 0.0, 0, None, None
+    for n in range(N):
+        if b["reset"][:, n].any():
+            state = np.where(b["reset"][:, n, None, None], np.asarray(call(B, method=GMemory.initial_state)), state)
+        f = frozen_features(frozen, jnp.asarray(b["tokens"][:, n]), jnp.asarray(b["token_mask"][:, n]), cfg, 1)
+        _, alpha = call(jnp.asarray(state), f["features"], method=GMemory.read)  # [B, T, S]
+        if prov is not None:
+            beta = np.einsum("bts,bsu->btu", np.asarray(alpha, np.float64), prov)  # [B, T(read), T(written)]
+            for i in range(B):
+                if b["reset"][i, n]:
+                    continue
+                for t in range(T):
+                    hit = (written[i] == b["labels"][i, n, t]) & b["token_mask"][i, n - 1]
+                    if b["loss_mask"][i, n, t] > 0 and hit.any():
+                        m = beta[i, t][hit].sum()
+                        nll, mass, count = nll - np.log(m + 1e-6), mass + m, count + 1
+        new, _, p = call(jnp.asarray(state), f["write_features"], jnp.asarray(b["token_mask"][:, n]), None, False,
+                         None, True, method=GMemory.write)
+        state, prov, written = np.asarray(new), np.asarray(p, np.float64), b["tokens"][:, n]
+    assert count >= 5
+    np.testing.assert_allclose(float(out.metrics["pointer"]), nll / count, rtol=1e-4)
+    np.testing.assert_allclose(float(out.metrics["pointer_mass"]), mass / count, rtol=1e-4)
+    np.testing.assert_allclose(float(out.loss), float(off.loss) + 0.5 * nll / count, rtol=1e-5)
+    assert "pointer" not in off.metrics
+    # questions the written segment does not concern (scope 0) point at nothing
+    unscoped = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, dict(b, scope=np.zeros(3, np.float32))), cfg,
+                                mcfg)
+    assert float(unscoped.metrics["pointer"]) == 0.0 and float(unscoped.loss) == float(off.loss)
+
+
+def test_pointer_loss_trains_the_read_to_find_the_written_target():
+    """Twenty Adam steps on the pointer loss alone raise the share of the read that lands on the target's token, and
+    the gradient reaches both the read's queries and the write's keys; the frozen backbone is not an argument of
+    the gradient."""
+    import optax
+
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = _keyed(pointer_weight=1.0, num_slots=16)
+    mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    batch = jax.tree.map(jnp.asarray, _copy_batch(cfg, N=2))
+    loss = jax.jit(lambda m: forward_segments(m, frozen, batch, cfg, mcfg).metrics["pointer"])
+    grad = jax.grad(loss)(mem)
+    assert float(jnp.abs(grad["read_q"]["kernel"]).max()) > 0 and float(jnp.abs(grad["write_k"]["kernel"]).max()) > 0
+    opt = optax.adam(3e-2)
+    st = opt.init(mem)
+    start = float(loss(mem))
+    step = jax.jit(lambda m, s: (lambda g: (lambda u, s2: (optax.apply_updates(m, u), s2))(*opt.update(g, s, m)))(
+        jax.grad(loss)(m)))
+    for _ in range(20):
+        mem, st = step(mem, st)
+    assert float(loss(mem)) < start - 0.5
