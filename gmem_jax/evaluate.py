@@ -53,13 +53,8 @@ def reliance_workdir(config, workdir: Path) -> dict:
     from gmem_jax.training.checkpoint import load_exported_memory
     from gmem_jax.training.evaluation import memory_reliance
 
-    mesh = builders.build_mesh(config)
-    task = builders.build_task(config)
-    tokenizer = builders.build_tokenizer(config, task)
-    cfg, frozen, _ = builders.build_backbone(config, mesh, tokenizer)
+    _, _, cfg, frozen, examples = builders.eval_setup(config)
     params, mcfg = load_exported_memory(workdir, cfg)
-    examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
-                                       config.task.seed)
     return memory_reliance(examples, frozen, cfg, params, mcfg, batch_size=config.eval.batch_size)
 
 

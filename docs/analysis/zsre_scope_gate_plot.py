@@ -30,15 +30,10 @@ def auc(pos, neg):
 
 def gates(workdir: Path, batch_size: int = 16):
     config = get_config("distill")
-    mesh = builders.build_mesh(config)
-    task = builders.build_task(config)
-    tok = builders.build_tokenizer(config, task)
-    cfg, frozen, _ = builders.build_backbone(config, mesh, tok)
+    task, _, cfg, frozen, examples = builders.eval_setup(config)
     params, mcfg = load_exported_memory(workdir, cfg)
     if not mcfg.scope_gate:
         raise SystemExit(f"error: {workdir} was not trained with memory.scope_gate")
-    examples = builders.build_examples(config, task, tok, config.task.eval_split, config.task.eval_limit,
-                                       config.task.seed)
     write = jax.jit(write_context, static_argnums=(4, 5))
     out = {"own": [], "other": []}
     kinds, pairs = [], []  # pairs: (question's record index, the other memory's record index or -1)

@@ -38,12 +38,7 @@ def auc(pos, neg):
 
 
 def vectors(config):
-    mesh = builders.build_mesh(config)
-    task = builders.build_task(config)
-    tok = builders.build_tokenizer(config, task)
-    cfg, frozen, _ = builders.build_backbone(config, mesh, tok)
-    examples = builders.build_examples(config, task, tok, config.task.eval_split, config.task.eval_limit,
-                                       config.task.seed)
+    _, _, cfg, frozen, examples = builders.eval_setup(config)
     feats = jax.jit(lambda t, m: frozen_features(frozen, t, m, cfg, WRITE_LAYER))
     out, kinds, records = {}, [], []
     for start in range(0, len(examples), 16):

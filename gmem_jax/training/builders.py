@@ -273,6 +273,16 @@ def build_examples(config: ml_collections.ConfigDict, task, tokenizer, split: st
     return examples
 
 
+def eval_setup(config: ml_collections.ConfigDict):
+    """What scoring a trained memory on the config's eval split needs: (task, tokenizer, backbone config, frozen
+    params, the eval examples in the memory layout)."""
+    task = build_task(config)
+    tokenizer = build_tokenizer(config, task)
+    cfg, frozen, _ = build_backbone(config, build_mesh(config), tokenizer)
+    examples = build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit, config.task.seed)
+    return task, tokenizer, cfg, frozen, examples
+
+
 def check_loss_positions(examples: list[SegmentedExample], mcfg: MemoryConfig, what: str) -> None:
     """With loss_positions = K, a segment with more than K loss targets would silently drop some: refuse."""
     if not mcfg.loss_positions:
