@@ -51,17 +51,21 @@ def main():
                     f"{100 * s.get(f'{k}_{m}', float('nan')):.1f}" for k, m in (
                         ("reliability", "em"), ("reliability", "token_em"), ("reliability", "first"),
                         ("generalization", "em"), ("generalization", "token_em"))) + " |")
-        wrong = {"train answer": 0, "frozen's answer": 0, "other": 0}
+        wrong, right = {"train answer": 0, "frozen's answer": 0, "other": 0}, []
         for ex in subsets["novel"]:
             i = ex.meta["id"]
             answer = preds["memory"].get(i, {}).get("answer", "")
-            if ex.meta["kind"] != "reliability" or exact_match(answer, ex.meta["answers"]):
+            if ex.meta["kind"] != "reliability":
+                continue
+            if exact_match(answer, ex.meta["answers"]):
+                right.append(answer)
                 continue
             key = ("train answer" if normalize_answer(answer) in train_answers else
                    "frozen's answer" if exact_match(answer, [preds["frozen"].get(i, {}).get("answer", "")]) else
                    "other")
             wrong[key] += 1
         print(f"  {d.name}: memory's wrong answers to novel reliability questions: {wrong}")
+        print(f"  {d.name}: its right ones: {right}")
 
 
 if __name__ == "__main__":
