@@ -144,9 +144,10 @@ class MemoryConfig:
       loss position whose target token occurs among the real tokens of the segment written just before, -log of the
       share of what the read retrieves there (head-averaged) that is those tokens' values, the share computed from
       the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the read where the
-      answer was written, which CE alone did not teach it (ZsRE: 0-4% of the dev edits with a new answer recalled,
-      docs/results.md, "Seen and novel answers"). Tokens written two or more segments back are not counted, nor
-      examples whose batch `scope` is 0 (the written segment does not concern them). 0: off.
+      answer was written, which CE alone did not teach it. Tokens written two or more segments back are not
+      counted, nor examples whose batch `scope` is 0 (the written segment does not concern them). 0: off. On ZsRE
+      it made the read a 3-slot lookup landing on the written answer token without making the memory say it
+      (docs/results.md, "A pointer loss").
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
@@ -191,9 +192,9 @@ class MemoryConfig:
     sp_weight: float = 1.0
     scope_weight: float = 0.0
     scope_gate: bool = False
-    pointer_weight: float = 0.0
     scope_gate_scale: float = 10.0
     scope_gate_bias: float = -5.0
+    pointer_weight: float = 0.0
     dtype: str = "float32"
 
     def __post_init__(self):

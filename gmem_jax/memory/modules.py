@@ -15,6 +15,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned;
               write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
+             (provenance, memory.pointer_weight: P [B, S, T] = mean_channels(g) * mean_heads(token t's content
+              weight in slot s), the share of slot s's new content that is token t's value)
              gru gate:    z, rg = sigmoid(W[Mem; A] + b); c = tanh(Wc[rg*Mem; A]); Mem' = z*c + (1-z)*Mem
     read:    alpha = softmax(E(h) Mem^T / sqrt(M) + log s) over slots;  r = D(alpha Mem)    [B, T, H]
              (keyed: alpha = softmax(Wq E(h) K^T / sqrt(M/heads) + log s) per head, on that head's part of Mem;
@@ -282,6 +284,8 @@ class GMemory(nn.Module):
         summary_h [B, T, H] (memory.scope_gate): the segment's final hidden states, pooled into the summary row.
         """
         c = self.cfg
+        if provenance and (c.write_attention != "keyed" or c.gate != "update"):
+            raise GmemError("memory write provenance needs write_attention='keyed' and gate='update'")
         state, summary = self.split_summary(state)
         if summary is not None and summary_h is None:
             raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass summary_h=")
@@ -311,8 +315,6 @@ class GMemory(nn.Module):
             add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(summary_h, mask), 0.0)
             new = jnp.concatenate([new, (summary + add)[:, None]], 1)
         if provenance:
-            if c.write_attention != "keyed" or c.gate != "update":
-                raise GmemError("memory write provenance needs write_attention='keyed' and gate='update'")
             return new, z, z.mean(-1)[..., None] * content_weights.mean(1)
         return new, z
 
