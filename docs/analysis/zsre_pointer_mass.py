@@ -46,7 +46,12 @@ def main(workdirs):
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
         mcfg = mcfg.replace(pointer_weight=1.0)
-        run = jax.jit(lambda p, b: forward_segments(p, frozen, b, cfg, mcfg).metrics)
+        # the frozen tree is an argument, not a constant baked into the compiled graph
+        metrics = jax.jit(lambda p, f, b: forward_segments(p, f, b, cfg, mcfg).metrics)
+        run = lambda p, b: metrics(p, frozen, b)  # noqa: E731
+        # a uniform read: no query and equal importance make the read logits constant -> alpha = 1 / S everywhere
+        uni = dict(params, read_q=jax.tree.map(jnp.zeros_like, params["read_q"]),
+                   importance_mlp=jax.tree.map(jnp.zeros_like, params["importance_mlp"]))
         for kind in KINDS:
             exs = [e for e in examples if e.meta["kind"] == kind]
             sums = {"all": [0.0, 0.0], "first": [0.0, 0.0], "uniform": [0.0, 0.0]}
@@ -58,11 +63,6 @@ def main(workdirs):
                     n = counted(b, lm)  # pointer_mass is a mean over these; weight it back by their number
                     sums[key][0] += float(m["pointer_mass"]) * n
                     sums[key][1] += n
-                # a uniform read: replace the trained read logits by constants -> alpha = 1 / S on every slot
-                uni = jax.tree.map(lambda x: x, params)
-                uni["read_q"] = {"kernel": jnp.zeros_like(params["read_q"]["kernel"]),
-                                 "bias": jnp.zeros_like(params["read_q"]["bias"])}
-                uni["importance_mlp"] = jax.tree.map(jnp.zeros_like, params["importance_mlp"])
                 m = run(uni, batch)
                 n = counted(b, b["loss_mask"])
                 sums["uniform"][0] += float(m["pointer_mass"]) * n
