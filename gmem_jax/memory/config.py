@@ -39,6 +39,15 @@ class MemoryConfig:
       earlier instead of from its own features, which name the object more than whom it is about. 0 or 1: off.
       At the SmolLM2 configs' learning rate (2e-4) c barely leaves its start; raise its rate with
       train.lr_multipliers="write_key_mix=25" (docs/results.md, "A write with recency").
+    write_key_source: "write" (default): a token's write key comes from the same hidden states as its value (the
+      write source, `write_layer`). "final" (final injection, not write_attention="tokens"): from the final-norm
+      hidden states the read's queries come from, through the read side's input statistics, so a token's address
+      is made the way a later question's query is; the value still comes from the write source.
+    write_value_shift: 0 (default) or 1 (not write_attention="tokens"): with 1 the address a token offers stores
+      the value of the token after it (induction-head style: "... is" -> "Paris"), so a read whose query resembles
+      the key of the token before an answer token retrieves that answer token; the last real token of a segment
+      offers no address, the first one's value is stored nowhere. Provenance (pointer_weight) is over the token
+      whose value is stored. Meant with write_key_source="final" and write_layer=0 (values = token embeddings).
     write_top_k: keyed write only. k > 0: per head, only the k slots that won the most of a segment's write weight
       are written (the others' write strength is 0), so a segment changes at most k x num_heads slots. Without it
       the relative strength (won / the head's most-won) writes nearly every slot at full strength whenever the
@@ -186,6 +195,8 @@ class MemoryConfig:
     write_recency: float = 0.0
     write_key_window: int = 0
     write_top_k: int = 0
+    write_key_source: str = "write"
+    write_value_shift: int = 0
     sparsity_weight: float = 0.01
     entropy_weight: float = 0.001
     sp_head: bool = False
@@ -263,6 +274,13 @@ class MemoryConfig:
         if self.write_key_window < 0 or (self.write_key_window > 1 and self.write_attention != "keyed"):
             raise GmemError(f"memory write_key_window={self.write_key_window} needs write_attention='keyed' and a "
                             "value >= 0 (tokens whose keys a token's address mixes; 0 or 1 turns it off)")
+        if self.write_key_source not in ("write", "final") or (self.write_key_source == "final" and (
+                self.injection != "final" or self.write_attention == "tokens")):
+            raise GmemError(f"memory write_key_source={self.write_key_source!r}: use 'write', or 'final' with "
+                            "injection='final' and write_attention 'keyed' or 'slots'")
+        if self.write_value_shift not in (0, 1) or (self.write_value_shift and self.write_attention == "tokens"):
+            raise GmemError(f"memory write_value_shift={self.write_value_shift}: use 0, or 1 with write_attention "
+                            "'keyed' or 'slots'")
         if self.write_top_k < 0 or (self.write_top_k and self.write_attention != "keyed"):
             raise GmemError(f"memory write_top_k={self.write_top_k} needs write_attention='keyed' and a value >= 0 "
                             "(slots written per head and segment; 0 turns it off)")

@@ -13,7 +13,9 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               instead of the slots' contents, each token's share is scaled by a learned strength sigmoid(u.x_t),
               w_s = won_s / max won (per head), and the read below uses those addresses too;
               write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned;
-              write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init)
+              write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init;
+              write_key_source="final": keys (and keyed strengths) from E(final hidden states), values from E(h);
+              write_value_shift: token t's key carries token t + 1's value)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              (provenance, memory.pointer_weight: P [B, S, T] = mean_channels(g) * mean_heads(token t's content
               weight in slot s), the share of slot s's new content that is token t's value)
@@ -209,7 +211,8 @@ class GMemory(nn.Module):
         nh = self.cfg.num_heads
         return y.reshape(y.shape[:-1] + (nh, y.shape[-1] // nh)).astype(jnp.float32)
 
-    def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array, content_only: bool = False):
+    def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array, content_only: bool = False,
+                                x_key: Optional[jax.Array] = None):
         """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S],
         the content weights [B, heads, S, T]: how much of what slot s stores (per head) is token t's value, rows
         summing to 1 where the slot won anything, since A_s = W_o(sum_t w_st v_t) + b_o = sum_t w_st (W_o v_t + b_o)).
@@ -225,15 +228,22 @@ class GMemory(nn.Module):
         check, docs/results.md, "bAbI qa1: the keyed write alone").
         With min(1, won) and S >> T, an unsharpened address gives every slot ~T/S: the write is too weak to
         learn from (synthetic binding features at 256 slots: 37% right vs 96% with the relative strength;
-        docs/results.md, "Binding"). content_only: the token-to-slot shares are gradient constants (see `write`)."""
+        docs/results.md, "Binding"). content_only: the token-to-slot shares are gradient constants (see `write`).
+        x_key [B, T, M] (memory.write_key_source="final"): what a token's address and strength come from (else x).
+        memory.write_value_shift: token t's address carries token t + 1's value (t's content weights then say how
+        much of that value a slot holds), and only tokens followed by a real token offer one."""
         B, S, M = state.shape
+        x_key = x if x_key is None else x_key
+        if self.cfg.write_value_shift:
+            x = jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0)))
+            mask = mask * jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
         if self.cfg.write_attention == "keyed":
             keys = self._split_heads(self.slot_keys)  # [S, nh, M/nh], the same for every example
             q = jnp.broadcast_to(keys, (B,) + keys.shape)
-            mask = mask * jax.nn.sigmoid(self.write_strength(x)[..., 0].astype(jnp.float32))
+            mask = mask * jax.nn.sigmoid(self.write_strength(x_key)[..., 0].astype(jnp.float32))
         else:
             q = self._split_heads(self.write_q(state.astype(self.cfg.dtype)))
-        k, v = self._split_heads(self.write_k(x)), self._split_heads(self.write_v(x))  # [B, T, nh, M/nh]
+        k, v = self._split_heads(self.write_k(x_key)), self._split_heads(self.write_v(x))  # [B, T, nh, M/nh]
         if self.cfg.write_attention == "keyed" and self.cfg.write_key_window > 1:  # k'_t = sum_j c_j k_(t-j)
             T, k = k.shape[1], k * (mask > 0)[:, :, None, None]  # what sits under padding never enters a key
             shifted = [jnp.pad(k, ((0, 0), (j, 0), (0, 0), (0, 0)))[:, :T] for j in range(self.cfg.write_key_window)]
@@ -281,7 +291,8 @@ class GMemory(nn.Module):
         for write_attention="tokens"): the same values, but which slot gets what and how much of it (the
         token-to-slot shares, the gates) are gradient constants, so a loss through this state trains only what is
         stored (values, output map, GRU candidate, the encoder through them).
-        summary_h [B, T, H] (memory.scope_gate): the segment's final hidden states, pooled into the summary row.
+        summary_h [B, T, H]: the segment's final hidden states, pooled into the summary row (memory.scope_gate) and
+        the source of the write keys (memory.write_key_source="final").
         """
         c = self.cfg
         if provenance and (c.write_attention != "keyed" or c.gate != "update"):
@@ -289,13 +300,18 @@ class GMemory(nn.Module):
         state, summary = self.split_summary(state)
         if summary is not None and summary_h is None:
             raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass summary_h=")
-        x = self.encode(h, "write")
+        x, x_key = self.encode(h, "write"), None
+        if c.write_key_source == "final":  # addresses made like the queries of later reads: same features, same stats
+            if summary_h is None:
+                raise GmemError("memory write_key_source='final' needs the segment's final hidden states: pass "
+                                "summary_h=")
+            x_key = self.encode(summary_h, "read")
         if c.write_attention == "tokens":
             attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
             strength = None
         else:
-            a, strength, content_weights = self._slot_competitive_write(state, x, mask, content_only)
+            a, strength, content_weights = self._slot_competitive_write(state, x, mask, content_only, x_key)
         gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
         if content_only:
             gates = jax.lax.stop_gradient(gates)
@@ -315,7 +331,10 @@ class GMemory(nn.Module):
             add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(summary_h, mask), 0.0)
             new = jnp.concatenate([new, (summary + add)[:, None]], 1)
         if provenance:
-            return new, z, z.mean(-1)[..., None] * content_weights.mean(1)
+            prov = z.mean(-1)[..., None] * content_weights.mean(1)  # [B, S, T] over the token offering the address
+            if c.write_value_shift:  # ... whose value is the next token's: index by the token whose value it is
+                prov = jnp.pad(prov[..., :-1], ((0, 0), (0, 0), (1, 0)))
+            return new, z, prov
         return new, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------

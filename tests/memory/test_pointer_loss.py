@@ -64,12 +64,13 @@ def _copy_batch(cfg, B=3, N=3, T=8):
     return b
 
 
-def test_pointer_loss_matches_a_recomputation_from_the_public_pieces():
+@pytest.mark.parametrize("variant", [{}, dict(write_key_source="final", write_value_shift=1)])
+def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
     """pointer = mean over loss positions whose target was written in the segment just before (and not across a
     reset) of -log sum_{t: token_t = target} (alpha P)_t, alpha the head-averaged read weights there (GMemory.read),
     P the provenance of that segment's write; the loss adds pointer_weight x pointer."""
     cfg, frozen = tiny_backbone("llama")
-    mcfg = _keyed(pointer_weight=0.5, write_layer=1)
+    mcfg = _keyed(pointer_weight=0.5, write_layer=1, **variant)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     call = _call(cfg, mcfg, mem)
     b = _copy_batch(cfg)
@@ -97,7 +98,7 @@ def test_pointer_loss_matches_a_recomputation_from_the_public_pieces():
                         m = beta[i, t][hit].sum()
                         nll, mass, count = nll - np.log(m + 1e-6), mass + m, count + 1
         new, _, p = call(jnp.asarray(state), f["write_features"], jnp.asarray(b["token_mask"][:, n]), None, False,
-                         None, True, method=GMemory.write)
+                         f["features"], True, method=GMemory.write)
         state, prov, written = np.asarray(new), np.asarray(p, np.float64), b["tokens"][:, n]
     assert count >= 5
     np.testing.assert_allclose(float(out.metrics["pointer"]), nll / count, rtol=1e-4)
