@@ -35,6 +35,15 @@ def test_greedy_decoding_reads_only_written_slots_like_the_segment_loop(address)
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, dict(mem, read_null=jnp.array([0.5, -0.5])))
 
 
+def test_greedy_decoding_with_an_induction_write_matches_the_segment_loop():
+    """memory.write_key_source='final' + write_value_shift=1 (addresses from the final states, the next token's
+    embedding-layer value): the context written for generation is the one the training path writes."""
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_attention="keyed", write_key_window=3, write_layer=0,
+                        write_key_source="final", write_value_shift=1)
+    assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
+
+
 @pytest.mark.parametrize("read_only", [False, True])
 def test_greedy_decoding_with_a_scope_gate_matches_the_segment_loop(read_only):
     """memory.scope_gate: generation pools the prompt up front (`prompt_query`), training pools the same positions
