@@ -17,7 +17,11 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
                             negatives for the scope gate;
   scoped_open               scoped, but the counterfactual answers come from every answer string of the train
                             split (~2,200, each seen about once) instead of its ~670 alts, so the memory cannot
-                            learn the answers as a closed set and must copy from the edit.
+                            learn the answers as a closed set and must copy from the edit;
+  scoped_induction          scoped_open with an induction-style write (docs/results.md, "An induction-style
+                            write"): addresses from the final hidden states, each storing the next token's
+                            embedding-layer value (write_key_source="final", write_value_shift=1, write_layer=0),
+                            and an update gate that starts open (gate_bias=2.0).
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
 """
@@ -36,12 +40,15 @@ RECIPES["scoped"] = RECIPES["distill"]
 RECIPES["scoped_mismatched"] = dict(RECIPES["distill"], kinds=("reliability", "generalization", "locality",
                                                                "mismatched"))
 RECIPES["scoped_open"] = dict(RECIPES["distill"], counterfactual_pool="answers")
+RECIPES["scoped_induction"] = RECIPES["scoped_open"]
 # What "scoped" changes besides the data: the command of docs/results.md's scope-gate run, as config.
 SCOPED = dict(
     memory=dict(write_attention="keyed", write_layer=16, write_recency=1.0, write_key_window=8, scope_gate=True,
                 scope_weight=1.0),
     train=dict(steps=900, checkpoint_every=300, feature_cache=True,
                lr_multipliers="write_key_mix=25,scope_scale=100,scope_bias=100"))
+
+INDUCTION = dict(write_layer=0, write_key_source="final", write_value_shift=1, gate_bias=2.0)
 
 
 def get_config(recipe: str = "counterfactual"):
@@ -56,4 +63,6 @@ def get_config(recipe: str = "counterfactual"):
     if recipe.startswith("scoped"):
         c.memory.update(SCOPED["memory"])
         c.train.update(SCOPED["train"])
+    if recipe == "scoped_induction":
+        c.memory.update(INDUCTION)
     return c

@@ -35,7 +35,7 @@ def test_every_issue_config_exists():
 
 
 @pytest.mark.parametrize("recipe", ["counterfactual", "distill", "plain", "scoped", "scoped_mismatched",
-                                    "scoped_open"])
+                                    "scoped_open", "scoped_induction"])
 def test_zsre_recipes_build_valid_memories(recipe):
     """Every recipe of configs/smollm2_zsre.py gives a valid MemoryConfig whose lr multipliers name parameters the
     memory has (the trainer's check), on a tiny 24-layer backbone (write_layer 16 must exist)."""
@@ -63,7 +63,10 @@ def test_zsre_recipes_build_valid_memories(recipe):
         # the command of docs/results.md's scope-gate run, option by option (distill data)
         distill = mod.get_config("distill").task.train_kwargs.to_dict()
         extra = ("mismatched",) if recipe == "scoped_mismatched" else ()
-        pool = dict(counterfactual_pool="answers") if recipe == "scoped_open" else {}
+        pool = dict(counterfactual_pool="answers") if recipe in ("scoped_open", "scoped_induction") else {}
         assert config.task.train_kwargs.to_dict() == dict(distill, kinds=distill["kinds"] + extra, **pool)
-        assert (mcfg.write_attention, mcfg.write_layer, mcfg.write_recency, mcfg.write_key_window, mcfg.scope_weight) \
-            == ("keyed", 16, 1.0, 8, 1.0)
+        induction = recipe == "scoped_induction"  # docs/results.md's induction-write run, option by option
+        assert (mcfg.write_attention, mcfg.write_layer, mcfg.write_recency, mcfg.write_key_window, mcfg.scope_weight,
+                mcfg.write_key_source, mcfg.write_value_shift, mcfg.gate_bias) \
+            == ("keyed", 0 if induction else 16, 1.0, 8, 1.0, "final" if induction else "write", int(induction),
+                2.0 if induction else -1.0)
