@@ -278,7 +278,7 @@ class GMemory(nn.Module):
         return a, strength.mean(1), content_weights
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
-              content_only: bool = False, summary_h: Optional[jax.Array] = None, provenance: bool = False):
+              content_only: bool = False, final_h: Optional[jax.Array] = None, provenance: bool = False):
         """Consolidate a segment into memory.
 
         state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]),
@@ -291,21 +291,21 @@ class GMemory(nn.Module):
         for write_attention="tokens"): the same values, but which slot gets what and how much of it (the
         token-to-slot shares, the gates) are gradient constants, so a loss through this state trains only what is
         stored (values, output map, GRU candidate, the encoder through them).
-        summary_h [B, T, H]: the segment's final hidden states, pooled into the summary row (memory.scope_gate) and
+        final_h [B, T, H]: the segment's final hidden states, pooled into the summary row (memory.scope_gate) and
         the source of the write keys (memory.write_key_source="final").
         """
         c = self.cfg
         if provenance and (c.write_attention != "keyed" or c.gate != "update"):
             raise GmemError("memory write provenance needs write_attention='keyed' and gate='update'")
         state, summary = self.split_summary(state)
-        if summary is not None and summary_h is None:
-            raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass summary_h=")
+        if summary is not None and final_h is None:
+            raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass final_h=")
         x, x_key = self.encode(h, "write"), None
         if c.write_key_source == "final":  # addresses made like the queries of later reads: same features, same stats
-            if summary_h is None:
+            if final_h is None:
                 raise GmemError("memory write_key_source='final' needs the segment's final hidden states: pass "
-                                "summary_h=")
-            x_key = self.encode(summary_h, "read")
+                                "final_h=")
+            x_key = self.encode(final_h, "read")
         if c.write_attention == "tokens":
             attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
@@ -328,7 +328,7 @@ class GMemory(nn.Module):
             cand = a
         new = z * cand + (1.0 - z) * state
         if summary is not None:  # a segment with no real tokens adds nothing (front padding)
-            add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(summary_h, mask), 0.0)
+            add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(final_h, mask), 0.0)
             new = jnp.concatenate([new, (summary + add)[:, None]], 1)
         if provenance:
             prov = z.mean(-1)[..., None] * content_weights.mean(1)  # [B, S, T] over the token offering the address
@@ -500,7 +500,7 @@ class GMemory(nn.Module):
         """Touches every parameter (used by init): h [B, T, H], mask [B, T]."""
         state = self.initial_state(h.shape[0])
         h_out, _, _ = self.read_and_inject(state, h, scope_mask=mask)
-        state, _ = self.write(state, h, mask, summary_h=h)
+        state, _ = self.write(state, h, mask, final_h=h)
         out = h_out, self.importance(state)
         if self.cfg.sp_head:
             out = out + (self.sentence_scores(h, h[:, 0]),)

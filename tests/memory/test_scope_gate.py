@@ -117,7 +117,7 @@ def _segment_gates(mem, frozen, b, cfg, mcfg):
         prompt = tm & ((jnp.cumsum(lm, -1) - lm) == 0)
         _, _, g = module.apply({"params": mem}, state, h, scope_mask=prompt, method=GMemory.read_and_inject)
         gates.append(g[:, 0])
-        state, _ = module.apply({"params": mem}, state, h, tm, summary_h=h, method=GMemory.write)
+        state, _ = module.apply({"params": mem}, state, h, tm, final_h=h, method=GMemory.write)
     return jnp.stack(gates, 1)
 
 
@@ -134,5 +134,5 @@ def test_scope_gate_config_and_call_errors():
     h = jnp.zeros((2, 4, cfg.hidden_size))
     with pytest.raises(GmemError, match="scope_mask= or scope_query="):
         GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, h, method=GMemory.read_and_inject)
-    with pytest.raises(GmemError, match="summary_h="):
+    with pytest.raises(GmemError, match="final_h="):
         GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, h, jnp.ones((2, 4), bool), method=GMemory.write)
