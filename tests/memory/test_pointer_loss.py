@@ -120,18 +120,19 @@ def test_pointer_loss_trains_the_read_to_find_the_written_target():
     mcfg = _keyed(pointer_weight=1.0, num_slots=16)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     batch = jax.tree.map(jnp.asarray, _copy_batch(cfg, N=2))
-    loss = jax.jit(lambda m: forward_segments(m, frozen, batch, cfg, mcfg).metrics["pointer"])
-    grad = jax.grad(loss)(mem)
+    # the frozen tree and the batch are arguments of the jitted functions, not constants baked into them
+    loss = jax.jit(lambda m, f, b: forward_segments(m, f, b, cfg, mcfg).metrics["pointer"])
+    grad = jax.grad(loss)(mem, frozen, batch)
     assert float(jnp.abs(grad["read_q"]["kernel"]).max()) > 0 and float(jnp.abs(grad["write_k"]["kernel"]).max()) > 0
     opt = optax.adam(3e-2)
     st = opt.init(mem)
-    start = float(loss(mem))
+    start = float(loss(mem, frozen, batch))
 
     @jax.jit
-    def step(m, s):
-        updates, s = opt.update(jax.grad(loss)(m), s, m)
+    def step(m, s, f, b):
+        updates, s = opt.update(jax.grad(loss)(m, f, b), s, m)
         return optax.apply_updates(m, updates), s
 
     for _ in range(20):
-        mem, st = step(mem, st)
-    assert float(loss(mem)) < start - 0.5
+        mem, st = step(mem, st, frozen, batch)
+    assert float(loss(mem, frozen, batch)) < start - 0.5
