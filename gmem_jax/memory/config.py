@@ -153,10 +153,15 @@ class MemoryConfig:
       loss position whose target token occurs among the real tokens of the segment written just before, -log of the
       share of what the read retrieves there (head-averaged) that is those tokens' values, the share computed from
       the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the read where the
-      answer was written, which CE alone did not teach it. Tokens written two or more segments back are not
-      counted, nor examples whose batch `scope` is 0 (the written segment does not concern them). 0: off. On ZsRE
-      it made the read a 3-slot lookup landing on the written answer token without making the memory say it
-      (docs/results.md, "A pointer loss").
+      answer was written, which CE alone did not teach it. Tokens written before the pointer_segments most recent
+      written segments are not counted, nor examples whose batch `scope` is 0 (the written segment does not concern
+      them). 0: off. On ZsRE it made the read a 3-slot lookup landing on the written answer token without making the
+      memory say it (docs/results.md, "A pointer loss").
+    pointer_segments: how many of the most recently written segments the pointer loss looks back into (1: the one
+      written just before; 0: every written segment of the document). An older segment's provenance fades with each
+      later write by the channel mean of (1 - z) of that write's gate, since a slot rewritten with gate z keeps a
+      share 1 - z of what it held (exact when z is the same on every channel, as with the gate forced open).
+      Multi-segment contexts (bAbI) need it: the fact that answers a question can be any number of segments back.
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
@@ -206,6 +211,7 @@ class MemoryConfig:
     scope_gate_scale: float = 10.0
     scope_gate_bias: float = -5.0
     pointer_weight: float = 0.0
+    pointer_segments: int = 1
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -253,6 +259,9 @@ class MemoryConfig:
             raise GmemError(f"memory pointer_weight={self.pointer_weight} needs write_attention='keyed', gate='update' "
                             "and injection='final' (what a read retrieves is then a known mix of the written tokens), "
                             "and a value >= 0 (0 turns it off)")
+        if self.pointer_segments < 0:
+            raise GmemError(f"memory pointer_segments={self.pointer_segments} must be >= 0 (how many written segments "
+                            "the pointer loss looks back into; 0: all of them)")
         if self.read_grad_targets and self.injection != "final":
             raise GmemError("memory read_grad_targets applies to injection='final' only (a residual injection passes "
                             "each read on to later tokens through attention); leave read_grad_targets=0")

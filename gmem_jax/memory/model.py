@@ -205,8 +205,10 @@ def forward_segments(
 
     # memory.later_train_content: a second copy of the state (the same values) carries the later targets' gradient
     content = use_memory and mcfg.later_train_content
-    # memory.pointer_weight: the carry also holds the last written segment's tokens and provenance (GMemory.write)
+    # memory.pointer_weight: the carry also holds the tokens and provenance (GMemory.write) of the last W written
+    # segments, newest first (W = memory.pointer_segments, 0: all N)
     pointer = use_memory and mcfg.pointer_weight > 0
+    W = (mcfg.pointer_segments or N) if pointer else 0
 
     def seg_step(carry, xs):
         k, tok, msk, lab, lmask, rst, spos, feat = xs
@@ -244,10 +246,8 @@ def forward_segments(
         if use_memory:
             new_state, z, *prov = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
                                         False, h_final, pointer)
-            if pointer:  # a segment with no real tokens writes nothing: the last written one stays
-                wrote = jnp.any(msk, -1)
-                ptr = (jnp.where(wrote[:, None, None], prov[0], ptr[0]),
-                       jnp.where(wrote[:, None], tok, ptr[1]), jnp.where(wrote[:, None], msk, ptr[2]))
+            if pointer:  # a segment with no real tokens writes nothing: the last written ones stay
+                ptr = _push_provenance(ptr, prov[0], tok, msk, z)
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
                                          gate_override, True, h_final)
@@ -288,8 +288,8 @@ def forward_segments(
           None if features is None else jax.tree.map(seg_major, features))
     ptr0 = None
     if pointer:  # nothing written yet: zero provenance over a segment of no real tokens
-        ptr0 = (jnp.zeros((B, mcfg.num_slots, T), jnp.float32), jnp.zeros((B, T), tokens.dtype),
-                jnp.zeros((B, T), bool))
+        ptr0 = (jnp.zeros((B, mcfg.num_slots, W, T), jnp.float32), jnp.zeros((B, W, T), tokens.dtype),
+                jnp.zeros((B, W, T), bool))
     (final_state, _, _), ys = jax.lax.scan(seg_step, (state0, state0 if content else None, ptr0), xs)
 
     nll, ntok, correct = ys["nll"].sum(0), ys["tokens"].sum(0), ys["correct"].sum(0)  # [B]
@@ -335,18 +335,33 @@ def forward_segments(
     )
 
 
+def _push_provenance(ptr: tuple, prov: jax.Array, tok: jax.Array, msk: jax.Array, z: jax.Array) -> tuple:
+    """The pointer carry after a write: ptr = (P [B, S, W, T], tokens [B, W, T], token_mask [B, W, T]) of the last
+    W written segments, newest first; prov [B, S, T], tok/msk [B, T] the new segment's; z [B, S, M] its gate. The new
+    segment goes first, the oldest drops out, and the kept ones fade by the channel mean of (1 - z): slot s keeps a
+    share 1 - z_s of what it held. A segment with no real tokens (front padding) changes nothing."""
+    old_p, old_t, old_m = ptr
+    keep = (1.0 - z.mean(-1))[:, :, None, None]
+    new = (jnp.concatenate([prov[:, :, None], old_p[:, :, :-1] * keep], 2),
+           jnp.concatenate([tok[:, None], old_t[:, :-1]], 1), jnp.concatenate([msk[:, None], old_m[:, :-1]], 1))
+    wrote = jnp.any(msk, -1)
+    return tuple(jnp.where(wrote.reshape((-1,) + (1,) * (n.ndim - 1)), n, o) for n, o in zip(new, ptr))
+
+
 def _pointer_terms(ptr: tuple, reset: jax.Array, alpha: jax.Array, labels: jax.Array,
                    weight: jax.Array) -> tuple[tuple, dict]:
-    """memory.pointer_weight's loss terms at a segment's K loss positions. ptr = (provenance P [B, S, T], tokens
-    [B, T], token_mask [B, T]) of the segment written last; reset [B]; alpha [B, K, S] the head-averaged read weights
-    there, labels/weight [B, K]. The share of what a position retrieves that is a written token equal to its target
-    is sum over those tokens of beta_t = sum_s alpha_s P_st; positions whose target was not written (or that have no
-    loss) do not count. Returns (ptr with reset documents cleared, {ptr_nll, ptr_n, ptr_mass: [B]})."""
+    """memory.pointer_weight's loss terms at a segment's K loss positions. ptr = (provenance P [B, S, W, T], tokens
+    [B, W, T], token_mask [B, W, T]) of the W segments written last (`_push_provenance`); reset [B]; alpha [B, K, S]
+    the head-averaged read weights there, labels/weight [B, K]. The share of what a position retrieves that is a
+    written token equal to its target is the sum over those tokens of beta_wt = sum_s alpha_s P_swt; positions
+    whose target was not written (or that have no loss) do not count. Returns (ptr with reset documents cleared,
+    {ptr_nll, ptr_n, ptr_mass: [B]})."""
     prov, ptok, pmask = ptr
-    prov = jnp.where(reset[:, None, None], 0.0, prov)
-    pmask = pmask & ~reset[:, None]
-    beta = jnp.einsum("bks,bst->bkt", alpha, prov)
-    hit = (ptok[:, None, :] == labels[:, :, None]) & pmask[:, None, :]  # [B, K, T]
+    B, K = labels.shape
+    prov = jnp.where(reset[:, None, None, None], 0.0, prov)
+    pmask = pmask & ~reset[:, None, None]
+    beta = jnp.einsum("bks,bswt->bkwt", alpha, prov).reshape(B, K, -1)
+    hit = (ptok.reshape(B, 1, -1) == labels[:, :, None]) & pmask.reshape(B, 1, -1)  # [B, K, W * T]
     mass = jnp.sum(jnp.where(hit, beta, 0.0), -1)
     valid = (weight > 0) & jnp.any(hit, -1)
     terms = dict(ptr_nll=jnp.where(valid, -jnp.log(mass + 1e-6), 0.0).sum(-1), ptr_n=valid.sum(-1).astype(jnp.float32),

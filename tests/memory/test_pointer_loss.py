@@ -54,52 +54,64 @@ def test_provenance_needs_keyed_write_and_update_gate():
 
 
 def _copy_batch(cfg, B=3, N=3, T=8):
-    """Random documents whose later segments have some targets equal to tokens of the segment before them."""
+    """Random documents whose later segments have some targets equal to tokens of an earlier segment (the one just
+    before for half of them, else any earlier one)."""
     b = random_batch(cfg, B=B, N=N, T=T, seed=3, loss_frac=0.6)
     rng = np.random.default_rng(5)
     for n in range(1, N):
         copy = rng.random((B, T)) < 0.5
-        src = b["tokens"][:, n - 1, :][np.arange(B)[:, None], rng.integers(0, 5, (B, T))]  # real tokens (t < 6)
+        seg = np.where(rng.random((B, T)) < 0.5, n - 1, rng.integers(0, n, (B, T)))
+        src = b["tokens"][np.arange(B)[:, None], seg, rng.integers(0, 5, (B, T))]  # real tokens (t < 6)
         b["labels"][:, n] = np.where(copy, src, b["labels"][:, n])
     return b
 
 
-@pytest.mark.parametrize("variant", [{}, dict(write_key_source="final", write_value_shift=1)])
+@pytest.mark.parametrize("variant", [{}, dict(write_key_source="final", write_value_shift=1),
+                                     dict(pointer_segments=0), dict(pointer_segments=2)])
 def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
-    """pointer = mean over loss positions whose target was written in the segment just before (and not across a
-    reset) of -log sum_{t: token_t = target} (alpha P)_t, alpha the head-averaged read weights there (GMemory.read),
-    P the provenance of that segment's write; the loss adds pointer_weight x pointer."""
+    """pointer = mean over loss positions whose target was written in one of the pointer_segments segments just
+    before (and not across a reset) of -log sum_{t: token_t = target} (alpha P)_t, alpha the head-averaged read
+    weights there (GMemory.read), P the provenance of those segments' writes, each older one faded by the channel
+    mean of (1 - z) of every later write's gate; the loss adds pointer_weight x pointer."""
     cfg, frozen = tiny_backbone("llama")
     mcfg = _keyed(pointer_weight=0.5, write_layer=1, **variant)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     call = _call(cfg, mcfg, mem)
-    b = _copy_batch(cfg)
-    b["reset"] = np.zeros((3, 3), bool)
-    b["reset"][1, 2] = True  # example 1's last segment starts from a fresh memory: nothing to point at
+    b = _copy_batch(cfg, N=4)
+    lookback = mcfg.pointer_segments or 4
+    b["reset"] = np.zeros((3, 4), bool)
+    b["reset"][1, 3] = True  # example 1's last segment starts from a fresh memory: nothing to point at
     out = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg)
     off = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg.replace(pointer_weight=0.0))
 
     B, N, T = b["tokens"].shape
     state = np.asarray(call(B, method=GMemory.initial_state))
-    nll, mass, count, prov, written = 0.0, 0.0, 0, None, None
+    nll, mass, count, history = 0.0, 0.0, 0, []  # history: (P, tokens, mask) per written segment, newest last
     for n in range(N):
         if b["reset"][:, n].any():
             state = np.where(b["reset"][:, n, None, None], np.asarray(call(B, method=GMemory.initial_state)), state)
         f = frozen_features(frozen, jnp.asarray(b["tokens"][:, n]), jnp.asarray(b["token_mask"][:, n]), cfg, 1)
         _, alpha = call(jnp.asarray(state), f["features"], method=GMemory.read)  # [B, T, S]
-        if prov is not None:
-            beta = np.einsum("bts,bsu->btu", np.asarray(alpha, np.float64), prov)  # [B, T(read), T(written)]
+        if history:
+            recent = history[-lookback:]
+            prov = np.concatenate([p for p, _, _ in recent], -1)  # [B, S, W * T]
+            written = np.concatenate([w for _, w, _ in recent], -1)
+            wmask = np.concatenate([m for _, _, m in recent], -1)
+            beta = np.einsum("bts,bsu->btu", np.asarray(alpha, np.float64), prov)  # [B, T(read), W * T(written)]
             for i in range(B):
                 if b["reset"][i, n]:
                     continue
                 for t in range(T):
-                    hit = (written[i] == b["labels"][i, n, t]) & b["token_mask"][i, n - 1]
+                    hit = (written[i] == b["labels"][i, n, t]) & wmask[i]
                     if b["loss_mask"][i, n, t] > 0 and hit.any():
                         m = beta[i, t][hit].sum()
                         nll, mass, count = nll - np.log(m + 1e-6), mass + m, count + 1
-        new, _, p = call(jnp.asarray(state), f["write_features"], jnp.asarray(b["token_mask"][:, n]), None, False,
+        new, z, p = call(jnp.asarray(state), f["write_features"], jnp.asarray(b["token_mask"][:, n]), None, False,
                          f["features"], True, method=GMemory.write)
-        state, prov, written = np.asarray(new), np.asarray(p, np.float64), b["tokens"][:, n]
+        keep = 1.0 - np.asarray(z, np.float64).mean(-1)[..., None]  # [B, S, 1]
+        history = [(q * keep, w, m) for q, w, m in history]
+        history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n]))
+        state = np.asarray(new)
     assert count >= 5
     np.testing.assert_allclose(float(out.metrics["pointer"]), nll / count, rtol=1e-4)
     np.testing.assert_allclose(float(out.metrics["pointer_mass"]), mass / count, rtol=1e-4)
