@@ -1,0 +1,116 @@
+"""Where does a trained bAbI qa1 memory's read land? (An analysis script for docs/results.md, not part of the
+package.)
+
+    PYTHONPATH=. python docs/analysis/babi_read_landing.py configs/smollm2_babilong.py:1,1024 BABI_DIR W [W ...]
+
+For each trained keyed-write memory (update gate, final injection) and each eval question of the config, teacher-
+forced: at the answer's first position, the share of what the read retrieves that is the value of each written
+token (beta = alpha P over every written segment, P each segment's write provenance faded by the later writes'
+gates, as memory.pointer_weight with pointer_segments=0 computes it; `gmem_jax.memory.model._push_provenance`).
+The written tokens are grouped by what they are for the asked person: the answer's place word wherever it is
+written (right), a place the person was at earlier (stale), a place only others were at (other), everything else
+(filler, names, verbs: rest); what no write put there (the slots' initial content) is "unwritten". Prints the mean
+share per group and how often each place group holds the largest share ("argmax"). Works for runs trained without
+the pointer loss too.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gmem_jax.memory.model import frozen_features, memory_module
+from gmem_jax.memory.modules import GMemory
+from gmem_jax.tasks.babi import BabiTask
+from gmem_jax.tasks.base import collate
+from gmem_jax.training import builders
+from gmem_jax.training.checkpoint import load_exported_memory
+
+GROUPS = ("right", "stale", "other", "rest", "unwritten")
+
+
+def load_config(arg: str):
+    path, _, sub = arg.partition(":")
+    spec = importlib.util.spec_from_file_location("eval_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(sub) if sub else module.get_config()
+
+
+def place_ids(question, tokenizer) -> dict:
+    """Group -> set of the first token ids of the place words (" hallway" is " hall" + "way"; the others are one
+    token; the first token is what the answer's first position predicts)."""
+    person = question.question.split()[-1].rstrip("?")
+    moves = [(text.split()[0], text.rstrip(".").split()[-1]) for _, text in question.facts]
+    first = lambda w: tokenizer.encode(" " + w)[0]  # noqa: E731
+    right = {question.answer}
+    stale = {loc for who, loc in moves if who == person} - right
+    other = {loc for _, loc in moves} - right - stale
+    out = {}
+    for name, words in (("right", right), ("stale", stale), ("other", other)):
+        out[name] = {first(w) for w in words}
+    return out
+
+
+def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_size=8):
+    call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": params}, *a, **kw)  # noqa: E731
+    feats = jax.jit(frozen_features, static_argnums=(3, 4))
+    read = jax.jit(lambda s, h: call(s, h, method=GMemory.read)[1])
+    write = jax.jit(lambda s, h, m, f: call(s, h, m, None, False, f, True, method=GMemory.write))
+    shares, wins = {g: [] for g in GROUPS}, {g: 0 for g in GROUPS[:3]}
+    for lo in range(0, len(examples), batch_size):
+        exs = examples[lo:lo + batch_size]
+        b = collate(exs)
+        B, N, T = b["tokens"].shape
+        state = call(B, method=GMemory.initial_state)
+        history = []  # (P [B, S, T], tokens [B, T], mask [B, T]) per written segment
+        done = np.zeros(B, bool)
+        for n in range(N):
+            tok, msk = jnp.asarray(b["tokens"][:, n]), jnp.asarray(b["token_mask"][:, n])
+            f = feats(frozen, tok, msk, cfg, mcfg.write_layer)
+            lm = b["loss_mask"][:, n] > 0
+            ask = lm.any(-1) & ~done
+            if ask.any() and history:
+                alpha = np.asarray(read(state, f["features"]), np.float64)  # [B, T, S]
+                prov = np.concatenate([p for p, _, _ in history], -1)
+                wtok = np.concatenate([t for _, t, _ in history], -1)
+                wmask = np.concatenate([m for _, _, m in history], -1)
+                for i in np.flatnonzero(ask):
+                    t0 = int(np.argmax(lm[i]))
+                    beta = alpha[i, t0] @ prov[i]  # [W * T]
+                    q = questions[exs[i].meta["id"]]
+                    ids = place_ids(q, tokenizer)
+                    got = {g: float(beta[wmask[i] & np.isin(wtok[i], list(ids[g]))].sum()) for g in GROUPS[:3]}
+                    got["rest"] = float(beta.sum()) - sum(got.values())
+                    got["unwritten"] = 1.0 - float(beta.sum())  # what the slots held before any write
+                    for g in GROUPS:
+                        shares[g].append(got[g])
+                    wins[max(GROUPS[:3], key=lambda g: got[g])] += 1
+                done |= ask
+            write_src = f.get("write_features", f["features"])
+            new, z, p = write(state, write_src, msk, f["features"])
+            keep = 1.0 - np.asarray(z, np.float64).mean(-1)[..., None]
+            history = [(q * keep, t, m) for q, t, m in history]
+            history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n].astype(bool)))
+            state = new
+    return {g: float(np.mean(v)) for g, v in shares.items()}, wins, len(shares["right"])
+
+
+def main(config_arg, babi_dir, workdirs):
+    config = load_config(config_arg)
+    _, tokenizer, cfg, frozen, examples = builders.eval_setup(config)
+    questions = {f"qa1-test-{q.story}-{q.line}": q for q in BabiTask(str(babi_dir), tasks=(1,)).questions("test", 1)}
+    print("| run | share of the read: right / stale / other places / rest / unwritten | argmax place: right / stale / "
+          "other |")
+    print("|---|---|---|")
+    for wd in workdirs:
+        params, mcfg = load_exported_memory(wd, cfg)
+        mean, wins, n = landing(params, mcfg, cfg, frozen, examples, questions, tokenizer)
+        print(f"| {Path(wd).name} | " + " / ".join(f"{100 * mean[g]:.1f}%" for g in GROUPS)
+              + " | " + " / ".join(str(wins[g]) for g in GROUPS[:3]) + f" (of {n}) |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
