@@ -150,20 +150,19 @@ class MemoryConfig:
       this is > 0), as SERAC's scope classifier and GRACE's deferral radius use it; without it a read that helps
       every question's answer format stayed on the edit's slots for unrelated questions too (docs/results.md).
     pointer_weight: keyed write, update gate, final injection. Weight of a copy-supervision (pointer) loss: at every
-      loss position whose target token occurs among the real tokens of the segment written just before, -log of the
-      share of what the read retrieves there (head-averaged) that is those tokens' values, the share computed from
-      the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the read where the
-      answer was written, which CE alone did not teach it. Tokens written before the pointer_segments most recent
-      written segments are not counted, nor examples whose batch `scope` is 0 (the written segment does not concern
-      them). 0: off. On ZsRE it made the read a 3-slot lookup landing on the written answer token without making the
+      loss position whose target token occurs among the real tokens of the last pointer_segments written segments,
+      -log of the share of what the read retrieves there (head-averaged) that is those tokens' values, the share
+      computed from the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the
+      read where the answer was written, which CE alone did not teach it. Examples whose batch `scope` is 0 (the
+      written segment does not concern them) are not counted. 0: off. On ZsRE it made the read a 3-slot lookup landing on the written answer token without making the
       memory say it (docs/results.md, "A pointer loss").
     pointer_segments: how many of the most recently written segments the pointer loss looks back into (1: the one
       written just before; 0: every written segment of the document). An older segment's provenance fades with each
       later write by the channel mean of (1 - z) of that write's gate, since a slot rewritten with gate z keeps a
       share 1 - z of what it held (exact when z is the same on every channel, as with the gate forced open).
       Multi-segment contexts (bAbI) need it: the fact that answers a question can be any number of segments back
-      (on bAbI qa1 at 8x the window, 0 lifted the best recipe from 52 to 61% on one seed; docs/results.md, "A pointer
-      loss over every written segment").
+      (on bAbI qa1 at 8x the window, 0 lifted the best recipe from 52 / 48% to 61 / 59% on two seeds;
+      docs/results.md, "A pointer loss over every written segment").
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
