@@ -13,7 +13,6 @@ written (right), a place the person was at earlier (stale), a place only others 
 share per group and how often each place group holds the largest share ("argmax"). Works for runs trained without
 the pointer loss too.
 """
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from babi_report import load_config, places, test_questions  # this folder (python puts it first on sys.path)
 from gmem_jax.memory.model import frozen_features, memory_module
 from gmem_jax.memory.modules import GMemory
-from gmem_jax.tasks.babi import BabiTask
 from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders
 from gmem_jax.training.checkpoint import load_exported_memory
@@ -31,40 +30,25 @@ from gmem_jax.training.checkpoint import load_exported_memory
 GROUPS = ("right", "stale", "other", "rest", "unwritten")
 
 
-def load_config(arg: str):
-    path, _, sub = arg.partition(":")
-    spec = importlib.util.spec_from_file_location("eval_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(sub) if sub else module.get_config()
-
-
 def place_ids(question, tokenizer) -> dict:
     """Group -> set of the first token ids of the place words (" hallway" is " hall" + "way"; the others are one
     token; the first token is what the answer's first position predicts)."""
-    person = question.question.split()[-1].rstrip("?")
-    moves = [(text.split()[0], text.rstrip(".").split()[-1]) for _, text in question.facts]
-    first = lambda w: tokenizer.encode(" " + w)[0]  # noqa: E731
-    right = {question.answer}
-    stale = {loc for who, loc in moves if who == person} - right
-    other = {loc for _, loc in moves} - right - stale
-    out = {}
-    for name, words in (("right", right), ("stale", stale), ("other", other)):
-        out[name] = {first(w) for w in words}
-    return out
+    return {g: {tokenizer.encode(" " + w)[0] for w in words} for g, words in places(question).items()}
 
 
 def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_size=8):
-    call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": params}, *a, **kw)  # noqa: E731
+    module = memory_module(cfg, mcfg)
     feats = jax.jit(frozen_features, static_argnums=(3, 4))
-    read = jax.jit(lambda s, h: call(s, h, method=GMemory.read)[1])
-    write = jax.jit(lambda s, h, m, f: call(s, h, m, None, False, f, True, method=GMemory.write))
+    # params are arguments of the jitted calls, not constants baked into them
+    read = jax.jit(lambda p, s, h: module.apply({"params": p}, s, h, method=GMemory.read)[1])
+    write = jax.jit(lambda p, s, h, m, f: module.apply({"params": p}, s, h, m, None, False, f, True,
+                                                       method=GMemory.write))
     shares, wins = {g: [] for g in GROUPS}, {g: 0 for g in GROUPS[:3]}
     for lo in range(0, len(examples), batch_size):
         exs = examples[lo:lo + batch_size]
         b = collate(exs)
         B, N, T = b["tokens"].shape
-        state = call(B, method=GMemory.initial_state)
+        state = module.apply({"params": params}, B, method=GMemory.initial_state)
         history = []  # (P [B, S, T], tokens [B, T], mask [B, T]) per written segment
         done = np.zeros(B, bool)
         for n in range(N):
@@ -73,7 +57,7 @@ def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_siz
             lm = b["loss_mask"][:, n] > 0
             ask = lm.any(-1) & ~done
             if ask.any() and history:
-                alpha = np.asarray(read(state, f["features"]), np.float64)  # [B, T, S]
+                alpha = np.asarray(read(params, state, f["features"]), np.float64)  # [B, T, S]
                 prov = np.concatenate([p for p, _, _ in history], -1)
                 wtok = np.concatenate([t for _, t, _ in history], -1)
                 wmask = np.concatenate([m for _, _, m in history], -1)
@@ -90,7 +74,7 @@ def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_siz
                     wins[max(GROUPS[:3], key=lambda g: got[g])] += 1
                 done |= ask
             write_src = f.get("write_features", f["features"])
-            new, z, p = write(state, write_src, msk, f["features"])
+            new, z, p = write(params, state, write_src, msk, f["features"])
             keep = 1.0 - np.asarray(z, np.float64).mean(-1)[..., None]
             history = [(q * keep, t, m) for q, t, m in history]
             history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n].astype(bool)))
@@ -101,7 +85,7 @@ def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_siz
 def main(config_arg, babi_dir, workdirs):
     config = load_config(config_arg)
     _, tokenizer, cfg, frozen, examples = builders.eval_setup(config)
-    questions = {f"qa1-test-{q.story}-{q.line}": q for q in BabiTask(str(babi_dir), tasks=(1,)).questions("test", 1)}
+    questions = test_questions(babi_dir)
     print("| run | share of the read: right / stale / other places / rest / unwritten | argmax place: right / stale / "
           "other |")
     print("|---|---|---|")

@@ -24,26 +24,40 @@ from gmem_jax.tasks.hotpot_metrics import normalize_answer
 KINDS = ("right", "stale", "other", "unstated")
 
 
-def kind(question, answer: str) -> str:
-    """qa1 facts read 'PERSON VERB to the LOCATION.'; the question 'Where is PERSON?'."""
+def places(question) -> dict:
+    """The story's places by what they are for the asked person: {'right': {the answer}, 'stale': places the person
+    was at earlier, 'other': places only others were at}. qa1 facts read 'PERSON VERB to the LOCATION.'; the
+    question 'Where is PERSON?'."""
     person = question.question.split()[-1].rstrip("?")
     moves = [(text.split()[0], text.rstrip(".").split()[-1]) for _, text in question.facts]
-    if answer == question.answer:
-        return "right"
-    if answer in {loc for who, loc in moves if who == person}:
-        return "stale"
-    return "other" if answer in {loc for _, loc in moves} else "unstated"
+    right = {question.answer}
+    stale = {loc for who, loc in moves if who == person} - right
+    return {"right": right, "stale": stale, "other": {loc for _, loc in moves} - right - stale}
+
+
+def kind(question, answer: str) -> str:
+    return next((k for k, locs in places(question).items() if answer in locs), "unstated")
+
+
+def load_config(config_arg: str):
+    """'path/to/config.py:arg' -> that file's get_config(arg)."""
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("eval_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def test_questions(babi_dir) -> dict:
+    """Question id (as the babilong examples' meta['id']) -> bAbI qa1 test question."""
+    return {f"qa1-test-{q.story}-{q.line}": q for q in BabiTask(str(babi_dir), tasks=(1,)).questions("test", 1)}
 
 
 def fact_segments(config_arg: str) -> dict:
     """Question id -> {fact line id: memory segment index} for the eval examples of a babilong config."""
     from gmem_jax.training import builders
 
-    path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("eval_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    config = load_config(config_arg)
     task = builders.build_task(config)
     tokenizer = builders.build_tokenizer(config, task)
     examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
@@ -65,7 +79,7 @@ def placement(question, segments: dict) -> str:
 
 
 def report(babi_dir: Path, eval_dir: Path, segments: dict | None = None) -> None:
-    questions = {f"qa1-test-{q.story}-{q.line}": q for q in BabiTask(str(babi_dir), tasks=(1,)).questions("test", 1)}
+    questions = test_questions(babi_dir)
     preds = json.loads((eval_dir / "eval_results.json").read_text())["predictions"]
     for system, by_id in preds.items():
         groups = {"all": list(by_id)}
