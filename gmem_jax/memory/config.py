@@ -163,6 +163,10 @@ class MemoryConfig:
       Multi-segment contexts (bAbI) need it: the fact that answers a question can be any number of segments back
       (on bAbI qa1 at 8x the window, 0 lifted the best recipe from 52 / 48% to 61 / 59% on two seeds;
       docs/results.md, "A pointer loss over every written segment").
+    pointer_support: the pointer loss counts only written tokens inside supporting-fact sentences (the batch's
+      `support_mask`, from the task's labels), so the read is told which occurrence of the target answers the
+      question, not just any written token equal to it: the strong supervision of the original Memory Networks
+      (Weston et al., 2015, bAbI's supporting facts). Needs pointer_weight > 0.
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
@@ -213,6 +217,7 @@ class MemoryConfig:
     scope_gate_bias: float = -5.0
     pointer_weight: float = 0.0
     pointer_segments: int = 1
+    pointer_support: bool = False
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -260,6 +265,8 @@ class MemoryConfig:
             raise GmemError(f"memory pointer_weight={self.pointer_weight} needs write_attention='keyed', gate='update' "
                             "and injection='final' (what a read retrieves is then a known mix of the written tokens), "
                             "and a value >= 0 (0 turns it off)")
+        if self.pointer_support and not self.pointer_weight:
+            raise GmemError("memory pointer_support restricts the pointer loss; it needs pointer_weight > 0")
         if self.pointer_segments < 0:
             raise GmemError(f"memory pointer_segments={self.pointer_segments} must be >= 0 (how many written segments "
                             "the pointer loss looks back into; 0: all of them)")

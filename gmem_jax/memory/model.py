@@ -209,9 +209,14 @@ def forward_segments(
     # segments, newest first (W = memory.pointer_segments, 0: all N)
     pointer = use_memory and mcfg.pointer_weight > 0
     W = (mcfg.pointer_segments or N) if pointer else 0
+    if pointer and mcfg.pointer_support and "support_mask" not in batch:
+        raise GmemError("memory.pointer_support needs the batch's support_mask (tasks.base.collate makes it from the "
+                        "supporting-fact labels); build batches with collate or set pointer_support=False")
+    # the written tokens the pointer loss may point at: all real ones, or (pointer_support) the supporting facts'
+    target = batch["support_mask"].astype(bool) if pointer and mcfg.pointer_support else batch["token_mask"]
 
     def seg_step(carry, xs):
-        k, tok, msk, lab, lmask, rst, spos, feat = xs
+        k, tok, msk, lab, lmask, rst, spos, tgt, feat = xs
         state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry[:2])
         ptr = carry[2]
         detach = _later_targets(lmask, mcfg.read_grad_targets)
@@ -247,7 +252,7 @@ def forward_segments(
             new_state, z, *prov = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
                                         False, h_final, pointer)
             if pointer:  # a segment with no real tokens writes nothing: the last written ones stay
-                ptr = _push_provenance(ptr, prov[0], tok, msk, z)
+                ptr = _push_provenance(ptr, prov[0], tok, msk, z, tgt)
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
                                          gate_override, True, h_final)
@@ -284,7 +289,8 @@ def forward_segments(
     seg_major = lambda x: jnp.swapaxes(x, 0, 1)  # [B, N, ...] -> [N, B, ...] for the scan
     spos = batch["sent_pos"] if sp else jnp.zeros((B, N, 1), jnp.int32)
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
-                                          batch["loss_mask"].astype(jnp.float32), reset, spos)),
+                                          batch["loss_mask"].astype(jnp.float32), reset, spos,
+                                          target.astype(bool))),
           None if features is None else jax.tree.map(seg_major, features))
     ptr0 = None
     if pointer:  # nothing written yet: zero provenance over a segment of no real tokens
@@ -335,15 +341,18 @@ def forward_segments(
     )
 
 
-def _push_provenance(ptr: tuple, prov: jax.Array, tok: jax.Array, msk: jax.Array, z: jax.Array) -> tuple:
-    """The pointer carry after a write: ptr = (P [B, S, W, T], tokens [B, W, T], token_mask [B, W, T]) of the last
-    W written segments, newest first; prov [B, S, T], tok/msk [B, T] the new segment's; z [B, S, M] its gate. The new
-    segment goes first, the oldest drops out, and the kept ones fade by the channel mean of (1 - z): slot s keeps a
-    share 1 - z_s of what it held. A segment with no real tokens (front padding) changes nothing."""
+def _push_provenance(ptr: tuple, prov: jax.Array, tok: jax.Array, msk: jax.Array, z: jax.Array,
+                     target: jax.Array) -> tuple:
+    """The pointer carry after a write: ptr = (P [B, S, W, T], tokens [B, W, T], target mask [B, W, T]) of the last
+    W written segments, newest first; prov [B, S, T], tok/msk [B, T] the new segment's, target [B, T] which of its
+    tokens the loss may point at; z [B, S, M] its gate. The new segment goes first, the oldest drops out, and the
+    kept ones fade by the channel mean of (1 - z): slot s keeps a share 1 - z_s of what it held. A segment with no
+    real tokens (front padding) changes nothing."""
     old_p, old_t, old_m = ptr
     keep = (1.0 - z.mean(-1))[:, :, None, None]
     new = (jnp.concatenate([prov[:, :, None], old_p[:, :, :-1] * keep], 2),
-           jnp.concatenate([tok[:, None], old_t[:, :-1]], 1), jnp.concatenate([msk[:, None], old_m[:, :-1]], 1))
+           jnp.concatenate([tok[:, None], old_t[:, :-1]], 1),
+           jnp.concatenate([(msk & target)[:, None], old_m[:, :-1]], 1))
     wrote = jnp.any(msk, -1)
     return tuple(jnp.where(wrote.reshape((-1,) + (1,) * (n.ndim - 1)), n, o) for n, o in zip(new, ptr))
 
@@ -351,7 +360,7 @@ def _push_provenance(ptr: tuple, prov: jax.Array, tok: jax.Array, msk: jax.Array
 def _pointer_terms(ptr: tuple, reset: jax.Array, alpha: jax.Array, labels: jax.Array,
                    weight: jax.Array) -> tuple[tuple, dict]:
     """memory.pointer_weight's loss terms at a segment's K loss positions. ptr = (provenance P [B, S, W, T], tokens
-    [B, W, T], token_mask [B, W, T]) of the W segments written last (`_push_provenance`); reset [B]; alpha [B, K, S]
+    [B, W, T], target mask [B, W, T]) of the W segments written last (`_push_provenance`); reset [B]; alpha [B, K, S]
     the head-averaged read weights there, labels/weight [B, K]. The share of what a position retrieves that is a
     written token equal to its target is the sum over those tokens of beta_wt = sum_s alpha_s P_swt; positions
     whose target was not written (or that have no loss) do not count. Returns (ptr with reset documents cleared,

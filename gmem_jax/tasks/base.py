@@ -26,9 +26,9 @@ QA_PROMPT = "Question: {question}\nAnswer:"
 LAYOUTS = ("memory", "none", "prompt")
 OVERFLOW_POLICIES = ("drop_oldest", "error")
 
-ARRAY_FIELDS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label")
+ARRAY_FIELDS = ("tokens", "token_mask", "labels", "loss_mask", "support_mask", "sent_pos", "sent_mask", "sent_label")
 _DTYPES = {"tokens": np.int32, "token_mask": np.bool_, "labels": np.int32, "loss_mask": np.float32,
-           "sent_pos": np.int32, "sent_mask": np.bool_, "sent_label": np.float32}
+           "support_mask": np.bool_, "sent_pos": np.int32, "sent_mask": np.bool_, "sent_label": np.float32}
 
 
 @dataclasses.dataclass
@@ -40,6 +40,8 @@ class SegmentedExample:
     labels     int32   [n_seg, seg_len]    labels[s, t] = the next token, predicted AT position t, wherever
                                            position t+1 holds a real token of the same segment; 0 elsewhere
     loss_mask  float32 [n_seg, seg_len]    1.0 where the cross-entropy counts (the answer + EOS targets)
+    support_mask bool  [n_seg, seg_len]    True on the tokens of supporting-fact sentences (label > 0), what
+                                           memory.pointer_support lets the pointer loss point at
     sent_pos   int32   [n_seg, max_sents]  position of the LAST token of each context sentence in its segment
     sent_mask  bool    [n_seg, max_sents]  True where sent_pos is a real sentence
     sent_label float32 [n_seg, max_sents]  1.0 for supporting-fact sentences, else 0
@@ -54,6 +56,7 @@ class SegmentedExample:
     token_mask: np.ndarray
     labels: np.ndarray
     loss_mask: np.ndarray
+    support_mask: np.ndarray
     sent_pos: np.ndarray
     sent_mask: np.ndarray
     sent_label: np.ndarray

@@ -185,6 +185,7 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
 
     tokens = np.full((n_seg, seg_len), pad_id, np.int32)
     token_mask = np.zeros((n_seg, seg_len), np.bool_)
+    support_mask = np.zeros((n_seg, seg_len), np.bool_)
     sent_pos = np.zeros((n_seg, max_sents), np.int32)
     sent_mask = np.zeros((n_seg, max_sents), np.bool_)
     sent_label = np.zeros((n_seg, max_sents), np.float32)
@@ -195,6 +196,7 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
         for p in seg:
             u = units[p.unit]
             tokens[s, pos:pos + p.end - p.start] = u.tokens[p.start:p.end]
+            support_mask[s, pos:pos + p.end - p.start] = u.label > 0
             pos += p.end - p.start
             if p.last and u.slot and max_sents > 0:
                 sent_pos[s, slot], sent_mask[s, slot], sent_label[s, slot] = pos - 1, True, u.label
@@ -210,7 +212,8 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
     loss_mask[-1, prompt_len - 1:prompt_len + len(answer)] = 1.0
     meta.update(sent_keys=sent_keys, layout=layout, dropped_tokens=int(dropped_tokens),
                 dropped_sentences=int(dropped_sentences), n_context_segments=len(segments))
-    return SegmentedExample(tokens, token_mask, labels, loss_mask, sent_pos, sent_mask, sent_label, prompt_len, meta)
+    return SegmentedExample(tokens, token_mask, labels, loss_mask, support_mask, sent_pos, sent_mask, sent_label,
+                            prompt_len, meta)
 
 
 def _sentences_ending_before(units: Sequence[Unit], n_tokens: int) -> int:

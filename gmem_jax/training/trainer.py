@@ -31,8 +31,8 @@ from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import (init_train_state, make_eval_step, make_optimizer, make_schedule,
                                    make_train_step, parse_name_factors)
 
-_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "sent_pos", "sent_mask", "sent_label", "scope",
-               "features", "write_features")
+_ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "support_mask", "sent_pos", "sent_mask", "sent_label",
+               "scope", "features", "write_features")
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:

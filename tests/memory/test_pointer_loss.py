@@ -51,6 +51,8 @@ def test_provenance_needs_keyed_write_and_update_gate():
         _keyed(gate="gru", pointer_weight=1.0)
     with pytest.raises(GmemError, match="needs write_attention='keyed'"):
         _keyed(pointer_weight=-0.1)
+    with pytest.raises(GmemError, match="pointer_support restricts the pointer loss; it needs pointer_weight > 0"):
+        _keyed(pointer_support=True)
 
 
 def _copy_batch(cfg, B=3, N=3, T=8):
@@ -67,12 +69,14 @@ def _copy_batch(cfg, B=3, N=3, T=8):
 
 
 @pytest.mark.parametrize("variant", [{}, dict(write_key_source="final", write_value_shift=1),
-                                     dict(pointer_segments=0), dict(pointer_segments=2)])
+                                     dict(pointer_segments=0), dict(pointer_segments=2),
+                                     dict(pointer_segments=0, pointer_support=True)])
 def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
     """pointer = mean over loss positions whose target was written in one of the pointer_segments segments just
     before (and not across a reset) of -log sum_{t: token_t = target} (alpha P)_t, alpha the head-averaged read
     weights there (GMemory.read), P the provenance of those segments' writes, each older one faded by the channel
-    mean of (1 - z) of every later write's gate; the loss adds pointer_weight x pointer."""
+    mean of (1 - z) of every later write's gate; with pointer_support only written tokens the batch's support_mask
+    marks count. The loss adds pointer_weight x pointer."""
     cfg, frozen = tiny_backbone("llama")
     mcfg = _keyed(pointer_weight=0.5, write_layer=1, **variant)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
@@ -81,8 +85,11 @@ def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
     lookback = mcfg.pointer_segments or 4
     b["reset"] = np.zeros((3, 4), bool)
     b["reset"][1, 3] = True  # example 1's last segment starts from a fresh memory: nothing to point at
+    b["support_mask"] = np.random.default_rng(9).random(b["tokens"].shape) < 0.5
+    support = b["support_mask"] if mcfg.pointer_support else np.ones_like(b["support_mask"])
     out = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg)
-    off = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg.replace(pointer_weight=0.0))
+    off = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg,
+                           mcfg.replace(pointer_weight=0.0, pointer_support=False))
 
     B, N, T = b["tokens"].shape
     state = np.asarray(call(B, method=GMemory.initial_state))
@@ -110,13 +117,18 @@ def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
                          f["features"], True, method=GMemory.write)
         keep = 1.0 - np.asarray(z, np.float64).mean(-1)[..., None]  # [B, S, 1]
         history = [(q * keep, w, m) for q, w, m in history]
-        history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n]))
+        history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n] & support[:, n]))
         state = np.asarray(new)
     assert count >= 5
     np.testing.assert_allclose(float(out.metrics["pointer"]), nll / count, rtol=1e-4)
     np.testing.assert_allclose(float(out.metrics["pointer_mass"]), mass / count, rtol=1e-4)
     np.testing.assert_allclose(float(out.loss), float(off.loss) + 0.5 * nll / count, rtol=1e-5)
     assert "pointer" not in off.metrics
+    if mcfg.pointer_support:  # the restriction changes what counts; without the mask there is nothing to restrict by
+        every = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, b), cfg, mcfg.replace(pointer_support=False))
+        assert abs(float(every.metrics["pointer"]) - float(out.metrics["pointer"])) > 1e-3
+        with pytest.raises(GmemError, match="pointer_support needs the batch's support_mask"):
+            forward_segments(mem, frozen, {k: jnp.asarray(v) for k, v in b.items() if k != "support_mask"}, cfg, mcfg)
     # questions the written segment does not concern (scope 0) point at nothing
     unscoped = forward_segments(mem, frozen, jax.tree.map(jnp.asarray, dict(b, scope=np.zeros(3, np.float32))), cfg,
                                 mcfg)

@@ -12,7 +12,7 @@ from gmem_jax.training.builders import weight_kinds
 
 def _example(kind, mask):
     z = np.zeros((1, 4), np.int32)
-    return SegmentedExample(z, z > -1, z, np.asarray([mask], np.float32), np.zeros((1, 1), np.int32),
+    return SegmentedExample(z, z > -1, z, np.asarray([mask], np.float32), z < 0, np.zeros((1, 1), np.int32),
                             np.ones((1, 1), bool), np.zeros((1, 1), np.float32), 2, {"id": kind, "kind": kind})
 
 

@@ -80,6 +80,8 @@ def test_examples_and_score(babi_dir, gpt2_tok):
         assert keys == [("qa2", lid) for lid, _ in q.facts]
         labelled = {ex.meta["sent_keys"][s][k] for s, k in zip(*np.nonzero(ex.sent_label))}
         assert labelled == {("qa2", s) for s in q.supporting}
+        support = [gpt2_tok.decode(ex.tokens[s][ex.support_mask[s]]) for s in range(ex.tokens.shape[0])]
+        assert "".join(support) == "".join(" " + t for lid, t in q.facts if lid in q.supporting)
         last = gpt2_tok.decode(ex.tokens[-1][ex.token_mask[-1]])
         assert last == f"Question: {q.question}\nAnswer: {q.answer}<|endoftext|>"
     preds = {e.meta["id"]: {"answer": e.meta["answers"][0]} for e in exs[:5]}  # qa1 right, qa2 missing

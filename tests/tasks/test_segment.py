@@ -44,6 +44,10 @@ def test_packing_keeps_tokens_never_splits_and_maps_keys(seed):
     slots = {ex.meta["sent_keys"][s][k]: (s, int(ex.sent_pos[s, k]), float(ex.sent_label[s, k]))
              for s, k in zip(*np.nonzero(ex.sent_mask))}
     assert sorted(slots) == sorted(u.key for u in units)
+    # support_mask: exactly the tokens of the labelled (supporting) sentences, wherever their chunks went
+    assert [int(t) for s in range(ex.tokens.shape[0] - 1) for t in ex.tokens[s][ex.support_mask[s]]] == \
+        [t for u in units if u.label > 0 for t in u.tokens]
+    assert not (ex.support_mask & ~ex.token_mask).any()
     for u in units:
         s, pos, label = slots[u.key]
         assert label == u.label
