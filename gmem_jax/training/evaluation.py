@@ -198,7 +198,6 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         states = {"own": state, "other": state[np.where(partner >= 0, partner, np.arange(len(chunk)))],
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
         change = jnp.linalg.norm(state - states["empty"], axis=-1)[:, :mcfg.num_slots]  # [B, S], no summary row
-        total = change.sum(-1, keepdims=True)
         written.append(np.asarray(slot_spread(change)))
         preds, spreads, masses, seg_gates = {}, {}, {}, {}
         for k, s in states.items():  # the positions depend only on the loss mask: the same for every state
