@@ -12,6 +12,15 @@ written (right), a place the person was at earlier (stale), a place only others 
 (filler, names, verbs: rest); what no write put there (the slots' initial content) is "unwritten". Prints the mean
 share per group and how often each place group holds the largest share ("argmax"). Works for runs trained without
 the pointer loss too.
+
+Then, to tell a write that mixes people from a read that asks the wrong slots: A = the answer's place token inside
+the supporting fact (the batch's support_mask), O = the place tokens only others visited. "read purity" is the
+read's beta(A) / (beta(A) + beta(O)); "write purity" is the same ratio for a read whose weight on slot s is
+proportional to a_s (it looks where A was written), sum_s a_s^2 / sum_s a_s (a_s + o_s), with a_s, o_s the (faded)
+provenance of A and O in slot s; "blind" is sum_s a_s / sum_s (a_s + o_s), what a read spread evenly over the
+slots would get (the write purity of a write that puts every place in the same slots).
+Write purity near 1 and read purity well below it: the slots keep people apart and the read's address is what
+fails; both low: the write itself puts different people's places in the same slots.
 """
 import sys
 from pathlib import Path
@@ -44,12 +53,13 @@ def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_siz
     write = jax.jit(lambda p, s, h, m, f: module.apply({"params": p}, s, h, m, None, False, f, True,
                                                        method=GMemory.write))
     shares, wins = {g: [] for g in GROUPS}, {g: 0 for g in GROUPS[:3]}
+    purity = {"read": [], "write": [], "blind": []}
     for lo in range(0, len(examples), batch_size):
         exs = examples[lo:lo + batch_size]
         b = collate(exs)
         B, N, T = b["tokens"].shape
         state = module.apply({"params": params}, B, method=GMemory.initial_state)
-        history = []  # (P [B, S, T], tokens [B, T], mask [B, T]) per written segment
+        history = []  # (P [B, S, T], tokens [B, T], mask [B, T], support [B, T]) per written segment
         done = np.zeros(B, bool)
         for n in range(N):
             tok, msk = jnp.asarray(b["tokens"][:, n]), jnp.asarray(b["token_mask"][:, n])
@@ -58,9 +68,7 @@ def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_siz
             ask = lm.any(-1) & ~done
             if ask.any() and history:
                 alpha = np.asarray(read(params, state, f["features"]), np.float64)  # [B, T, S]
-                prov = np.concatenate([p for p, _, _ in history], -1)
-                wtok = np.concatenate([t for _, t, _ in history], -1)
-                wmask = np.concatenate([m for _, _, m in history], -1)
+                prov, wtok, wmask, wsup = (np.concatenate(x, -1) for x in zip(*history))
                 for i in np.flatnonzero(ask):
                     t0 = int(np.argmax(lm[i]))
                     beta = alpha[i, t0] @ prov[i]  # [W * T]
@@ -72,14 +80,23 @@ def landing(params, mcfg, cfg, frozen, examples, questions, tokenizer, batch_siz
                     for g in GROUPS:
                         shares[g].append(got[g])
                     wins[max(GROUPS[:3], key=lambda g: got[g])] += 1
+                    A = wsup[i] & np.isin(wtok[i], list(ids["right"]))
+                    O = wmask[i] & np.isin(wtok[i], list(ids["other"]))
+                    a, o = prov[i][:, A].sum(-1), prov[i][:, O].sum(-1)  # [S]
+                    if a.sum() > 0 and O.any():  # the fact was kept and someone else was somewhere else
+                        purity["read"].append(beta[A].sum() / max(beta[A].sum() + beta[O].sum(), 1e-12))
+                        purity["write"].append((a * a).sum() / (a * (a + o)).sum())
+                        purity["blind"].append(a.sum() / (a + o).sum())
                 done |= ask
             write_src = f.get("write_features", f["features"])
             new, z, p = write(params, state, write_src, msk, f["features"])
             keep = 1.0 - np.asarray(z, np.float64).mean(-1)[..., None]
-            history = [(q * keep, t, m) for q, t, m in history]
-            history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n].astype(bool)))
+            history = [(q * keep, *rest) for q, *rest in history]
+            history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n].astype(bool),
+                            b["support_mask"][:, n]))
             state = new
-    return {g: float(np.mean(v)) for g, v in shares.items()}, wins, len(shares["right"])
+    return ({g: float(np.mean(v)) for g, v in shares.items()}, wins, len(shares["right"]),
+            {k: (float(np.mean(v)), len(v)) for k, v in purity.items()})
 
 
 def main(config_arg, babi_dir, workdirs):
@@ -87,13 +104,14 @@ def main(config_arg, babi_dir, workdirs):
     _, tokenizer, cfg, frozen, examples = builders.eval_setup(config)
     questions = test_questions(babi_dir)
     print("| run | share of the read: right / stale / other places / rest / unwritten | argmax place: right / stale / "
-          "other |")
-    print("|---|---|---|")
+          "other | purity, supporting fact vs others' places: read / write / blind |")
+    print("|---|---|---|---|")
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
-        mean, wins, n = landing(params, mcfg, cfg, frozen, examples, questions, tokenizer)
+        mean, wins, n, pure = landing(params, mcfg, cfg, frozen, examples, questions, tokenizer)
         print(f"| {Path(wd).name} | " + " / ".join(f"{100 * mean[g]:.1f}%" for g in GROUPS)
-              + " | " + " / ".join(str(wins[g]) for g in GROUPS[:3]) + f" (of {n}) |")
+              + " | " + " / ".join(str(wins[g]) for g in GROUPS[:3]) + f" (of {n}) | "
+              + " / ".join(f"{100 * pure[k][0]:.1f}%" for k in ("read", "write", "blind")) + f" (of {pure['read'][1]}) |")
 
 
 if __name__ == "__main__":

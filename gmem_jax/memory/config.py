@@ -39,6 +39,10 @@ class MemoryConfig:
       earlier instead of from its own features, which name the object more than whom it is about. 0 or 1: off.
       At the SmolLM2 configs' learning rate (2e-4) c barely leaves its start; raise its rate with
       train.lr_multipliers="write_key_mix=25" (docs/results.md, "A write with recency").
+    write_key_mix_init: where c starts: "self" (1, 0, ..., 0: a token's own key) or "uniform" (1/w each: the mean
+      key of the window). On bAbI qa1 the place token's own features name the place, hardly its person (a probe:
+      43% person, 100% place), while the window's mean names the person (96%), and from "self" c stayed near its
+      start: the write addressed places, not people (docs/results.md, "Why binding fails").
     write_key_source: "write" (default): a token's write key comes from the same hidden states as its value (the
       write source, `write_layer`). "final" (final injection, not write_attention="tokens"): from the final-norm
       hidden states the read's queries come from, through the read side's input statistics, so a token's address
@@ -204,6 +208,7 @@ class MemoryConfig:
     later_train_content: bool = False
     write_recency: float = 0.0
     write_key_window: int = 0
+    write_key_mix_init: str = "self"
     write_top_k: int = 0
     write_key_source: str = "write"
     write_value_shift: int = 0
@@ -291,6 +296,9 @@ class MemoryConfig:
         if self.write_key_window < 0 or (self.write_key_window > 1 and self.write_attention != "keyed"):
             raise GmemError(f"memory write_key_window={self.write_key_window} needs write_attention='keyed' and a "
                             "value >= 0 (tokens whose keys a token's address mixes; 0 or 1 turns it off)")
+        if self.write_key_mix_init not in ("self", "uniform"):
+            raise GmemError(f"memory write_key_mix_init={self.write_key_mix_init!r}: use 'self' (a token's own key) "
+                            "or 'uniform' (the mean key of its window)")
         if self.write_key_source not in ("write", "final") or (self.write_key_source == "final" and (
                 self.injection != "final" or self.write_attention == "tokens")):
             raise GmemError(f"memory write_key_source={self.write_key_source!r}: use 'write', or 'final' with "

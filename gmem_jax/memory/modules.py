@@ -13,7 +13,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               instead of the slots' contents, each token's share is scaled by a learned strength sigmoid(u.x_t),
               w_s = won_s / max won (per head), and the read below uses those addresses too;
               write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned;
-              write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init;
+              write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init
+              (write_key_mix_init="uniform": 1/w each);
               write_key_source="final": keys (and keyed strengths) from E(final hidden states), values from E(h);
               write_value_shift: token t's key carries token t + 1's value)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
@@ -113,8 +114,9 @@ class GMemory(nn.Module):
             if c.write_recency:
                 self.recency = self.param("write_recency", nn.initializers.constant(c.write_recency), ())
             if c.write_key_window > 1:  # c [w, heads]: key mix over this token and the w - 1 before it
-                self.key_mix = self.param("write_key_mix", lambda _, shape: jnp.zeros(shape).at[0].set(1.0),
-                                          (c.write_key_window, c.num_heads))
+                start = (lambda _, shape: jnp.full(shape, 1.0 / shape[0])) if c.write_key_mix_init == "uniform" \
+                    else (lambda _, shape: jnp.zeros(shape).at[0].set(1.0))
+                self.key_mix = self.param("write_key_mix", start, (c.write_key_window, c.num_heads))
         n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
         bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
         self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),

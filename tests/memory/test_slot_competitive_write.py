@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gmem_jax.errors import GmemError
 from gmem_jax.memory.model import init_memory, memory_module
 from gmem_jax.memory.modules import GMemory
 
@@ -74,6 +75,16 @@ def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, r
     np.testing.assert_allclose(np.asarray(new), _numpy_write(mem, mcfg, np.asarray(state, np.float64), x, mask),
                                rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(new - state).max()) > 1e-2
+
+
+def test_key_mix_starts_at_the_own_key_or_the_window_mean():
+    cfg, _ = tiny_backbone("llama")
+    for start, want in (("self", [1.0, 0.0, 0.0]), ("uniform", [1 / 3] * 3)):
+        mcfg = small_memory("final", write_attention="keyed", write_key_window=3, write_key_mix_init=start)
+        mix = np.asarray(init_memory(jax.random.PRNGKey(1), cfg, mcfg)["write_key_mix"])
+        np.testing.assert_allclose(mix, np.repeat(np.array(want)[:, None], mcfg.num_heads, 1), rtol=1e-6)
+    with pytest.raises(GmemError, match="write_key_mix_init='mean'"):
+        small_memory("final", write_attention="keyed", write_key_window=3, write_key_mix_init="mean")
 
 
 def test_write_top_k_changes_at_most_k_slots_per_head():
