@@ -43,6 +43,11 @@ class MemoryConfig:
       key of the window). On bAbI qa1 the place token's own features name the place, hardly its person (a probe:
       43% person, 100% place), while the window's mean names the person (96%), and from "self" c stayed near its
       start: the write addressed places, not people (docs/results.md, "Why binding fails").
+    write_key_select: with write_key_window = w > 1: the window's keys are mixed by a softmax over its real tokens,
+      a_tj = softmax_j(c_j + u . k_(t-j) / sqrt(mem_dim / heads)), per head, u a learned query (0 at init) and c the
+      key mix above used as position logits (so "uniform" starts at the window's mean key, "self" at e : 1 for the
+      own key), so the address can come from whichever token of the window u picks out (a name), at whatever
+      offset it sits, instead of from fixed offsets.
     write_key_source: "write" (default): a token's write key comes from the same hidden states as its value (the
       write source, `write_layer`). "final" (final injection, not write_attention="tokens"): from the final-norm
       hidden states the read's queries come from, through the read side's input statistics, so a token's address
@@ -209,6 +214,7 @@ class MemoryConfig:
     write_recency: float = 0.0
     write_key_window: int = 0
     write_key_mix_init: str = "self"
+    write_key_select: bool = False
     write_top_k: int = 0
     write_key_source: str = "write"
     write_value_shift: int = 0
@@ -296,6 +302,8 @@ class MemoryConfig:
         if self.write_key_window < 0 or (self.write_key_window > 1 and self.write_attention != "keyed"):
             raise GmemError(f"memory write_key_window={self.write_key_window} needs write_attention='keyed' and a "
                             "value >= 0 (tokens whose keys a token's address mixes; 0 or 1 turns it off)")
+        if self.write_key_select and self.write_key_window < 2:
+            raise GmemError("memory write_key_select picks a token of the key window: set write_key_window > 1")
         if self.write_key_mix_init not in ("self", "uniform"):
             raise GmemError(f"memory write_key_mix_init={self.write_key_mix_init!r}: use 'self' (a token's own key) "
                             "or 'uniform' (the mean key of its window)")

@@ -14,7 +14,9 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               w_s = won_s / max won (per head), and the read below uses those addresses too;
               write_recency: in A_s, token t's share also weighs exp(beta (t - t_last) / (T - 1)), beta learned;
               write_key_window = w: token t's key is sum_j c_j k_(t-j), j < w, c learned, (1, 0, ...) at init
-              (write_key_mix_init="uniform": 1/w each);
+              (write_key_mix_init="uniform": 1/w each); write_key_select: instead k'_t = sum_j a_tj k_(t-j),
+              a_t = softmax_j(c_j + u.k_(t-j) / sqrt(M/heads)) over the real tokens of the window, u learned, 0 at init,
+              so a token's address can come from whichever token of its window (a name) the query u picks out;
               write_key_source="final": keys (and keyed strengths) from E(final hidden states), values from E(h);
               write_value_shift: token t's key carries token t + 1's value)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
@@ -117,6 +119,9 @@ class GMemory(nn.Module):
                 start = (lambda _, shape: jnp.full(shape, 1.0 / shape[0])) if c.write_key_mix_init == "uniform" \
                     else (lambda _, shape: jnp.zeros(shape).at[0].set(1.0))
                 self.key_mix = self.param("write_key_mix", start, (c.write_key_window, c.num_heads))
+                if c.write_key_select:  # u [heads, M/heads]: what a token of the window is picked for
+                    self.key_query = self.param("write_key_query", nn.initializers.zeros,
+                                                (c.num_heads, M // c.num_heads))
         n_gates = 2 if c.gate == "gru" else 1  # gru: update z and reset r
         bias = jnp.concatenate([jnp.full((M,), c.gate_bias), jnp.zeros(((n_gates - 1) * M,))])
         self.gate = nn.Dense(n_gates * M, dtype=dt, kernel_init=nn.initializers.lecun_normal(),
@@ -248,8 +253,16 @@ class GMemory(nn.Module):
         k, v = self._split_heads(self.write_k(x_key)), self._split_heads(self.write_v(x))  # [B, T, nh, M/nh]
         if self.cfg.write_attention == "keyed" and self.cfg.write_key_window > 1:  # k'_t = sum_j c_j k_(t-j)
             T, k = k.shape[1], k * (mask > 0)[:, :, None, None]  # what sits under padding never enters a key
-            shifted = [jnp.pad(k, ((0, 0), (j, 0), (0, 0), (0, 0)))[:, :T] for j in range(self.cfg.write_key_window)]
-            k = jnp.einsum("jbthd,jh->bthd", jnp.stack(shifted), self.key_mix.astype(jnp.float32))
+            shift = lambda a, j: jnp.pad(a, ((0, 0), (j, 0)) + ((0, 0),) * (a.ndim - 2))[:, :T]  # noqa: E731
+            shifted = jnp.stack([shift(k, j) for j in range(self.cfg.write_key_window)])  # [w, B, T, nh, d]
+            mix = self.key_mix.astype(jnp.float32)[:, None, None, :]  # [w, 1, 1, nh]
+            if self.cfg.write_key_select:  # a content-and-position softmax over the window's real tokens
+                real = jnp.stack([shift(mask > 0, j) for j in range(self.cfg.write_key_window)])[..., None]
+                pick = mix + jnp.einsum("jbthd,hd->jbth", shifted, self.key_query.astype(jnp.float32)) / jnp.sqrt(
+                    k.shape[-1])
+                # finite, not -inf: a padding token's window may hold no real token, and its share is 0 anyway
+                mix = jax.nn.softmax(jnp.where(real, pick, -1e9), axis=0)
+            k = jnp.einsum("jbthd,jbth->bthd", shifted, jnp.broadcast_to(mix, shifted.shape[:-1]))
         logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(q.shape[-1])
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:

@@ -19,6 +19,8 @@ def _setup(gate="update", write_attention="slots", **kw):
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     if mcfg.write_key_window > 1:  # a key mix other than the identity it starts at, so the shifts are checked
         mem = {**mem, "write_key_mix": jax.random.normal(jax.random.PRNGKey(4), mem["write_key_mix"].shape)}
+    if mcfg.write_key_select:  # and a query that picks, not the 0 it starts at
+        mem = {**mem, "write_key_query": 3 * jax.random.normal(jax.random.PRNGKey(5), mem["write_key_query"].shape)}
     call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (2, mcfg.num_slots, mcfg.mem_dim))
@@ -45,7 +47,18 @@ def _numpy_write(mem, mcfg, state, x, mask):
         for hd in range(nh):
             cols = slice(hd * d, (hd + 1) * d)
             kh = k[:, cols] * mask[b][:, None]
-            if mcfg.write_key_window > 1:  # token t's key: sum_j c[j, head] * key of token t - j (none before 0)
+            if mcfg.write_key_select:  # token t's key: softmax_j(c[j] + u.k_(t-j) / sqrt d) over real t - j
+                mixed = np.zeros_like(kh)
+                for t in range(len(kh)):
+                    js = [j for j in range(mcfg.write_key_window) if t - j >= 0 and mask[b][t - j]]
+                    if not js:  # front padding: no key (and no share, below)
+                        continue
+                    pick = np.array([p["write_key_mix"][j, hd] + kh[t - j] @ p["write_key_query"][hd] / np.sqrt(d)
+                                     for j in js])
+                    a_t = np.exp(pick - pick.max()) / np.exp(pick - pick.max()).sum()
+                    mixed[t] = sum(a * kh[t - j] for a, j in zip(a_t, js))
+                kh = mixed
+            elif mcfg.write_key_window > 1:  # token t's key: sum_j c[j, head] * key of token t - j (none before 0)
                 kh = sum(p["write_key_mix"][j, hd] * np.concatenate([np.zeros((j, d)), kh[:len(kh) - j]])
                          for j in range(mcfg.write_key_window))
             logits = q[:, cols] @ kh.T / np.sqrt(d)  # [S, T]
@@ -63,13 +76,14 @@ def _numpy_write(mem, mcfg, state, x, mask):
     return out
 
 
-@pytest.mark.parametrize("write_attention,recency,key_window,top_k",
-                         [("slots", 0.0, 0, 0), ("keyed", 0.0, 0, 0), ("keyed", 2.5, 0, 0), ("keyed", 0.0, 3, 0),
-                          ("keyed", 0.0, 0, 2)])
-def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window, top_k):
+@pytest.mark.parametrize("write_attention,recency,key_window,top_k,select",
+                         [("slots", 0.0, 0, 0, False), ("keyed", 0.0, 0, 0, False), ("keyed", 2.5, 0, 0, False),
+                          ("keyed", 0.0, 3, 0, False), ("keyed", 0.0, 0, 2, False), ("keyed", 0.0, 3, 0, True)])
+def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window, top_k, select):
     mcfg, mem, call, h, state = _setup(write_attention=write_attention, write_recency=recency,
-                                       write_key_window=key_window, write_top_k=top_k)
-    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+                                       write_key_window=key_window, write_top_k=top_k, write_key_select=select)
+    # front padding too: a selecting window must skip it, not give it a share
+    mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, jnp.asarray(mask), method=GMemory.write)
     x = np.asarray(call(h, method=GMemory.encode), np.float64)
     np.testing.assert_allclose(np.asarray(new), _numpy_write(mem, mcfg, np.asarray(state, np.float64), x, mask),
@@ -83,8 +97,13 @@ def test_key_mix_starts_at_the_own_key_or_the_window_mean():
         mcfg = small_memory("final", write_attention="keyed", write_key_window=3, write_key_mix_init=start)
         mix = np.asarray(init_memory(jax.random.PRNGKey(1), cfg, mcfg)["write_key_mix"])
         np.testing.assert_allclose(mix, np.repeat(np.array(want)[:, None], mcfg.num_heads, 1), rtol=1e-6)
+    mcfg = small_memory("final", write_attention="keyed", write_key_window=3, write_key_select=True)
+    query = np.asarray(init_memory(jax.random.PRNGKey(1), cfg, mcfg)["write_key_query"])
+    assert query.shape == (mcfg.num_heads, mcfg.mem_dim // mcfg.num_heads) and not query.any()  # picks by position
     with pytest.raises(GmemError, match="write_key_mix_init='mean'"):
         small_memory("final", write_attention="keyed", write_key_window=3, write_key_mix_init="mean")
+    with pytest.raises(GmemError, match="write_key_select.*write_key_window > 1"):
+        small_memory("final", write_attention="keyed", write_key_select=True)
 
 
 def test_write_top_k_changes_at_most_k_slots_per_head():
@@ -103,11 +122,12 @@ def test_write_top_k_changes_at_most_k_slots_per_head():
         small_memory("final", write_attention="slots", write_top_k=2)
 
 
-@pytest.mark.parametrize("write_attention,recency,key_window",
-                         [("slots", 0.0, 0), ("keyed", 0.0, 0), ("keyed", 2.5, 0), ("keyed", 0.0, 3)])
-def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention, recency, key_window):
+@pytest.mark.parametrize("write_attention,recency,key_window,select",
+                         [("slots", 0.0, 0, False), ("keyed", 0.0, 0, False), ("keyed", 2.5, 0, False),
+                          ("keyed", 0.0, 3, False), ("keyed", 0.0, 3, True)])
+def test_slot_competitive_write_ignores_padding_and_other_examples(write_attention, recency, key_window, select):
     mcfg, mem, call, h, state = _setup(gate="gru", write_attention=write_attention, write_recency=recency,
-                                       write_key_window=key_window)
+                                       write_key_window=key_window, write_key_select=select)
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, mask, method=GMemory.write)
     # What sits under padding does not matter.
