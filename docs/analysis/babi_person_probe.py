@@ -15,6 +15,8 @@ PLACE.') in the written segments:
    mean cosine over heads for pairs with the same person and another place, another person and the same place,
    and neither. A write that addresses by person gives the first pairs the higher similarity; one that addresses
    by place, the second.
+3. With memory.write_key_select, where the window's pick lands: its mean weight on the person's (first) token and
+   how often that token has the largest weight, per head.
 """
 import sys
 from pathlib import Path
@@ -32,7 +34,8 @@ from gmem_jax.training.checkpoint import load_exported_memory
 
 def place_facts(examples, questions, tokenizer, cfg, frozen, write_layer, window=16, batch_size=8):
     """Per fact occurrence: (example index, story, person, place, write features [window, H] of the place token
-    and the window - 1 tokens before it, newest first, zero before the segment's start, final hidden state [H])."""
+    and the window - 1 tokens before it, newest first, zero before the segment's start, final hidden state [H],
+    the person's first token's offset back from the place token, -1 if it is not in the window)."""
     feats = jax.jit(frozen_features, static_argnums=(3, 4))
     rows = []
     for lo in range(0, len(examples), batch_size):
@@ -57,7 +60,10 @@ def place_facts(examples, questions, tokenizer, cfg, frozen, write_layer, window
                     win = np.zeros((window, f.shape[-1]), f.dtype)
                     back = f[i, max(0, pos - window + 1):pos + 1][::-1]
                     win[:len(back)] = back
-                    rows.append((lo + i, q.story, person, place, win, final[i, pos]))
+                    names = {tokenizer.encode(" " + person)[0], tokenizer.encode(person)[0]}
+                    back_ids = [int(t) for t in b["tokens"][i, n, max(0, pos - window + 1):pos + 1][::-1]]
+                    offset = next((j for j, t in enumerate(back_ids) if j and t in names), -1)
+                    rows.append((lo + i, q.story, person, place, win, final[i, pos], offset))
     return rows
 
 
@@ -73,19 +79,27 @@ def ridge_accuracy(x, labels, train):
 
 
 def slot_shares(params, mcfg, cfg, windows):
-    """Slot shares [R, heads, S] of the place tokens' windowed write keys; windows [R, w, H] as `place_facts`."""
+    """Slot shares [R, heads, S] of the place tokens' windowed write keys and the window weights [R, heads, w]
+    that made them (the fixed mix, or memory.write_key_select's pick); windows [R, w, H] as `place_facts`."""
     module = memory_module(cfg, mcfg)
     keys = jax.jit(lambda p, h: module.apply({"params": p}, h, method=lambda m, y: m.write_k(m.encode(y, "write"))))
     nh, S = mcfg.num_heads, mcfg.num_slots
     addr = np.asarray(params["slot_keys"], np.float64).reshape(S, nh, -1)  # [S, nh, d]
     mix = np.asarray(params["write_key_mix"], np.float64) if mcfg.write_key_window > 1 else np.ones((1, nh))
-    real = np.abs(windows).sum(-1) > 0  # [R, w]: zero rows are before the segment's start
-    k = np.asarray(keys(params, jnp.asarray(windows)), np.float64) * real[..., None]  # [R, w, M]
-    k = k.reshape(k.shape[:2] + (nh, -1))[:, :len(mix)]  # [R, window, nh, d], newest first
-    kw = np.einsum("rjhd,jh->rhd", k, mix)
+    real = (np.abs(windows).sum(-1) > 0)[:, :len(mix)]  # [R, w]: zero rows are before the segment's start
+    k = np.asarray(keys(params, jnp.asarray(windows)), np.float64)[:, :len(mix)] * real[..., None]
+    k = k.reshape(k.shape[:2] + (nh, -1))  # [R, window, nh, d], newest first
+    weights = np.broadcast_to(mix.T[None], (len(k), nh, len(mix)))  # [R, nh, w]
+    if mcfg.write_key_select:
+        u = np.asarray(params["write_key_query"], np.float64)  # [nh, d]
+        pick = mix.T[None] + np.einsum("rjhd,hd->rhj", k, u) / np.sqrt(k.shape[-1])
+        pick = np.where(real[:, None, :], pick, -np.inf)
+        weights = np.exp(pick - pick.max(-1, keepdims=True))
+        weights = weights / weights.sum(-1, keepdims=True)
+    kw = np.einsum("rjhd,rhj->rhd", k, weights)
     logits = np.einsum("shd,rhd->rhs", addr, kw) / np.sqrt(addr.shape[-1])
     e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    return e / e.sum(-1, keepdims=True), weights
 
 
 def pair_similarity(rows, shares):
@@ -125,9 +139,17 @@ def main(config_arg, babi_dir, workdirs):
     print(f"{len(rows)} place tokens ({train.sum()} train / {(~train).sum()} test); ridge probe accuracy: "
           + "; ".join(f"{k} {100 * ridge_accuracy(x, y, train):.1f}%" for k, (x, y) in probe.items()))
     for wd, (params, mcfg) in zip(workdirs, memories):
-        sims = pair_similarity(rows, slot_shares(params, mcfg, cfg, windows))
+        shares, weights = slot_shares(params, mcfg, cfg, windows)
+        sims = pair_similarity(rows, shares)
         print(f"{Path(wd).name}:")
         print("  slot-share cosine: " + "; ".join(f"{k} {v:.3f} ({n} pairs)" for k, (v, n) in sims.items()))
+        offsets = np.array([r[6] for r in rows])
+        inside = np.flatnonzero((offsets >= 0) & (offsets < weights.shape[-1]))
+        on_name = weights[inside, :, offsets[inside]]  # [R', nh]
+        top = weights[inside].argmax(-1) == offsets[inside, None]
+        print(f"  window weight on the person's token ({len(inside)} facts with it in the window), per head: mean "
+              + " ".join(f"{x:.2f}" for x in on_name.mean(0)) + "; largest weight "
+              + " ".join(f"{100 * x:.0f}%" for x in top.mean(0)))
 
 
 if __name__ == "__main__":
