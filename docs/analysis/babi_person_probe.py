@@ -15,7 +15,8 @@ PLACE.') in the written segments:
    mean cosine over heads for pairs with the same person and another place, another person and the same place,
    and neither. A write that addresses by person gives the first pairs the higher similarity; one that addresses
    by place, the second.
-3. With memory.write_key_select, where the window's pick lands: its mean weight on the person's (first) token and
+3. How sharp each address is: the number of slots a place token's shares spread over (exp of their entropy).
+4. With memory.write_key_select, where the window's pick lands: its mean weight on the person's (first) token and
    how often that token has the largest weight, per head.
 """
 import sys
@@ -143,6 +144,9 @@ def main(config_arg, babi_dir, workdirs):
         sims = pair_similarity(rows, shares)
         print(f"{Path(wd).name}:")
         print("  slot-share cosine: " + "; ".join(f"{k} {v:.3f} ({n} pairs)" for k, (v, n) in sims.items()))
+        entropy = -(shares * np.log(shares + 1e-30)).sum(-1)  # [R, nh]
+        print(f"  slots a place token's address spreads over (exp entropy of its shares, of {mcfg.num_slots}), "
+              "per head: " + " ".join(f"{x:.0f}" for x in np.exp(entropy).mean(0)))
         offsets = np.array([r[6] for r in rows])
         inside = np.flatnonzero((offsets >= 0) & (offsets < weights.shape[-1]))
         on_name = weights[inside, :, offsets[inside]]  # [R', nh]

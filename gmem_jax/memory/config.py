@@ -48,6 +48,10 @@ class MemoryConfig:
       key mix above used as position logits (so "uniform" starts at the window's mean key, "self" at e : 1 for the
       own key), so the address can come from whichever token of the window u picks out (a name), at whatever
       offset it sits, instead of from fixed offsets.
+    address_scale: keyed write only. The logits matching a token's key to the slot addresses, in the write and in
+      the read, are multiplied by this fixed factor (1: the plain scaled dot product). Trained bAbI qa1 writes were
+      nearly flat, a place token spreading its write over ~900 of 1,024 slots, so every slot held a little of every
+      fact; a factor > 1 starts the addresses sharp (docs/results.md, "Why binding fails").
     write_key_source: "write" (default): a token's write key comes from the same hidden states as its value (the
       write source, `write_layer`). "final" (final injection, not write_attention="tokens"): from the final-norm
       hidden states the read's queries come from, through the read side's input statistics, so a token's address
@@ -215,6 +219,7 @@ class MemoryConfig:
     write_key_window: int = 0
     write_key_mix_init: str = "self"
     write_key_select: bool = False
+    address_scale: float = 1.0
     write_top_k: int = 0
     write_key_source: str = "write"
     write_value_shift: int = 0
@@ -302,6 +307,9 @@ class MemoryConfig:
         if self.write_key_window < 0 or (self.write_key_window > 1 and self.write_attention != "keyed"):
             raise GmemError(f"memory write_key_window={self.write_key_window} needs write_attention='keyed' and a "
                             "value >= 0 (tokens whose keys a token's address mixes; 0 or 1 turns it off)")
+        if not 0 < self.address_scale < float("inf") or (self.address_scale != 1.0 and self.write_attention != "keyed"):
+            raise GmemError(f"memory address_scale={self.address_scale} needs write_attention='keyed' and a finite "
+                            "value > 0 (1 leaves the address logits as they are)")
         if self.write_key_select and self.write_key_window < 2:
             raise GmemError("memory write_key_select picks a token of the key window: set write_key_window > 1")
         if self.write_key_mix_init not in ("self", "uniform"):

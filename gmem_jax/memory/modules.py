@@ -17,6 +17,7 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               (write_key_mix_init="uniform": 1/w each); write_key_select: instead k'_t = sum_j a_tj k_(t-j),
               a_t = softmax_j(c_j + u.k_(t-j) / sqrt(M/heads)) over the real tokens of the window, u learned, 0 at init,
               so a token's address can come from whichever token of its window (a name) the query u picks out;
+              address_scale: the slot-address logits, here and in the read, are multiplied by a fixed factor;
               write_key_source="final": keys (and keyed strengths) from E(final hidden states), values from E(h);
               write_value_shift: token t's key carries token t + 1's value)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
@@ -263,7 +264,7 @@ class GMemory(nn.Module):
                 # finite, not -inf: a padding token's window may hold no real token, and its share is 0 anyway
                 mix = jax.nn.softmax(jnp.where(real, pick, -1e9), axis=0)
             k = jnp.einsum("jbthd,jbth->bthd", shifted, jnp.broadcast_to(mix, shifted.shape[:-1]))
-        logits = jnp.einsum("bshd,bthd->bhst", q, k) / jnp.sqrt(q.shape[-1])
+        logits = jnp.einsum("bshd,bthd->bhst", q, k) * (self._address_scale / jnp.sqrt(q.shape[-1]))
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:
             share = jax.lax.stop_gradient(share)
@@ -352,6 +353,11 @@ class GMemory(nn.Module):
             return new, z, prov
         return new, z
 
+    @property
+    def _address_scale(self) -> float:
+        """memory.address_scale for the keyed write's and read's address matches, 1 otherwise."""
+        return self.cfg.address_scale if self.cfg.write_attention == "keyed" else 1.0
+
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
     def _read_weights(self, state: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Read weights: state [B, S, M], h [B, T, H] -> ([B, T, heads, S] (keyed, one softmax per head over that
@@ -371,7 +377,7 @@ class GMemory(nn.Module):
                 logits = jnp.einsum("bthd,bshd->bths", q, self._split_heads(state)[..., :half])
             else:  # match the slots' fixed addresses, [S, nh, d]
                 logits = jnp.einsum("bthd,shd->bths", q, self._split_heads(self.slot_keys))
-            logits = logits / jnp.sqrt(q.shape[-1]) + bias[:, None, None, :]
+            logits = logits * (self._address_scale / jnp.sqrt(q.shape[-1])) + bias[:, None, None, :]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
         if c.read_written_only:  # unwritten slots (still exactly zero) drop out; the null slot [..., S] joins

@@ -61,7 +61,7 @@ def _numpy_write(mem, mcfg, state, x, mask):
             elif mcfg.write_key_window > 1:  # token t's key: sum_j c[j, head] * key of token t - j (none before 0)
                 kh = sum(p["write_key_mix"][j, hd] * np.concatenate([np.zeros((j, d)), kh[:len(kh) - j]])
                          for j in range(mcfg.write_key_window))
-            logits = q[:, cols] @ kh.T / np.sqrt(d)  # [S, T]
+            logits = q[:, cols] @ kh.T * (mcfg.address_scale if keyed else 1.0) / np.sqrt(d)  # [S, T]
             share = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)  # softmax over slots
             share = share * weight[None, :]
             won = share.sum(1)
@@ -76,12 +76,16 @@ def _numpy_write(mem, mcfg, state, x, mask):
     return out
 
 
-@pytest.mark.parametrize("write_attention,recency,key_window,top_k,select",
-                         [("slots", 0.0, 0, 0, False), ("keyed", 0.0, 0, 0, False), ("keyed", 2.5, 0, 0, False),
-                          ("keyed", 0.0, 3, 0, False), ("keyed", 0.0, 0, 2, False), ("keyed", 0.0, 3, 0, True)])
-def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window, top_k, select):
+@pytest.mark.parametrize("write_attention,recency,key_window,top_k,select,scale",
+                         [("slots", 0.0, 0, 0, False, 1.0), ("keyed", 0.0, 0, 0, False, 1.0),
+                          ("keyed", 2.5, 0, 0, False, 1.0), ("keyed", 0.0, 3, 0, False, 1.0),
+                          ("keyed", 0.0, 0, 2, False, 1.0), ("keyed", 0.0, 3, 0, True, 1.0),
+                          ("keyed", 0.0, 3, 0, False, 4.0)])
+def test_slot_competitive_write_matches_a_numpy_transcription(write_attention, recency, key_window, top_k, select,
+                                                              scale):
     mcfg, mem, call, h, state = _setup(write_attention=write_attention, write_recency=recency,
-                                       write_key_window=key_window, write_top_k=top_k, write_key_select=select)
+                                       write_key_window=key_window, write_top_k=top_k, write_key_select=select,
+                                       address_scale=scale)
     # front padding too: a selecting window must skip it, not give it a share
     mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]], bool)
     new, _ = call(state, h, jnp.asarray(mask), method=GMemory.write)
@@ -102,6 +106,9 @@ def test_key_mix_starts_at_the_own_key_or_the_window_mean():
     assert query.shape == (mcfg.num_heads, mcfg.mem_dim // mcfg.num_heads) and not query.any()  # picks by position
     with pytest.raises(GmemError, match="write_key_mix_init='mean'"):
         small_memory("final", write_attention="keyed", write_key_window=3, write_key_mix_init="mean")
+    for bad in (dict(write_attention="slots", address_scale=2.0), dict(write_attention="keyed", address_scale=0.0)):
+        with pytest.raises(GmemError, match="address_scale"):
+            small_memory("final", **bad)
     with pytest.raises(GmemError, match="write_key_select.*write_key_window > 1"):
         small_memory("final", write_attention="keyed", write_key_select=True)
 
@@ -146,10 +153,11 @@ def test_slot_competitive_write_ignores_padding_and_other_examples(write_attenti
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(state))
 
 
-def test_keyed_read_matches_a_numpy_transcription():
-    """keyed: each head matches the token's query against the fixed slot addresses (plus log importance) and reads
-    that head's part of the slots' contents; alpha is the head average."""
-    mcfg, mem, call, h, state = _setup(write_attention="keyed")
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_keyed_read_matches_a_numpy_transcription(scale):
+    """keyed: each head matches the token's query against the fixed slot addresses (times address_scale, plus log
+    importance) and reads that head's part of the slots' contents; alpha is the head average."""
+    mcfg, mem, call, h, state = _setup(write_attention="keyed", address_scale=scale)
     r, alpha = call(state, h, method=GMemory.read)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), mem)
     x = np.asarray(call(h, method=GMemory.encode), np.float64)
@@ -161,7 +169,7 @@ def test_keyed_read_matches_a_numpy_transcription():
     for b in range(B):
         for hd in range(nh):
             cols = slice(hd * d, (hd + 1) * d)
-            logits = q[b][:, cols] @ p["slot_keys"][:, cols].T / np.sqrt(d) + np.log(s[b] + 1e-6)[None, :]
+            logits = q[b][:, cols] @ p["slot_keys"][:, cols].T * scale / np.sqrt(d) + np.log(s[b] + 1e-6)[None, :]
             a = np.exp(logits - logits.max(1, keepdims=True))
             a /= a.sum(1, keepdims=True)
             retrieved[b][:, cols] = a @ np.asarray(state[b], np.float64)[:, cols]
