@@ -256,15 +256,16 @@ class GMemory(nn.Module):
             T, k = k.shape[1], k * (mask > 0)[:, :, None, None]  # what sits under padding never enters a key
             shift = lambda a, j: jnp.pad(a, ((0, 0), (j, 0)) + ((0, 0),) * (a.ndim - 2))[:, :T]  # noqa: E731
             shifted = jnp.stack([shift(k, j) for j in range(self.cfg.write_key_window)])  # [w, B, T, nh, d]
-            mix = self.key_mix.astype(jnp.float32)[:, None, None, :]  # [w, 1, 1, nh]
+            mix = self.key_mix.astype(jnp.float32)  # [w, nh]
             if self.cfg.write_key_select:  # a content-and-position softmax over the window's real tokens
                 real = jnp.stack([shift(mask > 0, j) for j in range(self.cfg.write_key_window)])[..., None]
-                pick = mix + jnp.einsum("jbthd,hd->jbth", shifted, self.key_query.astype(jnp.float32)) / jnp.sqrt(
-                    k.shape[-1])
+                pick = mix[:, None, None] + jnp.einsum("jbthd,hd->jbth", shifted, self.key_query.astype(
+                    jnp.float32)) / jnp.sqrt(k.shape[-1])
                 # finite, not -inf: a padding token's window may hold no real token, and its share is 0 anyway
-                mix = jax.nn.softmax(jnp.where(real, pick, -1e9), axis=0)
-            k = jnp.einsum("jbthd,jbth->bthd", shifted, jnp.broadcast_to(mix, shifted.shape[:-1]))
-        logits = jnp.einsum("bshd,bthd->bhst", q, k) * (self._address_scale / jnp.sqrt(q.shape[-1]))
+                k = jnp.einsum("jbthd,jbth->bthd", shifted, jax.nn.softmax(jnp.where(real, pick, -1e9), axis=0))
+            else:
+                k = jnp.einsum("jbthd,jh->bthd", shifted, mix)
+        logits = jnp.einsum("bshd,bthd->bhst", q, k) * (self.cfg.address_scale / jnp.sqrt(q.shape[-1]))
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:
             share = jax.lax.stop_gradient(share)
@@ -353,11 +354,6 @@ class GMemory(nn.Module):
             return new, z, prov
         return new, z
 
-    @property
-    def _address_scale(self) -> float:
-        """memory.address_scale for the keyed write's and read's address matches, 1 otherwise."""
-        return self.cfg.address_scale if self.cfg.write_attention == "keyed" else 1.0
-
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
     def _read_weights(self, state: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Read weights: state [B, S, M], h [B, T, H] -> ([B, T, heads, S] (keyed, one softmax per head over that
@@ -377,7 +373,7 @@ class GMemory(nn.Module):
                 logits = jnp.einsum("bthd,bshd->bths", q, self._split_heads(state)[..., :half])
             else:  # match the slots' fixed addresses, [S, nh, d]
                 logits = jnp.einsum("bthd,shd->bths", q, self._split_heads(self.slot_keys))
-            logits = logits * (self._address_scale / jnp.sqrt(q.shape[-1])) + bias[:, None, None, :]
+            logits = logits * (c.address_scale / jnp.sqrt(q.shape[-1])) + bias[:, None, None, :]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
         if c.read_written_only:  # unwritten slots (still exactly zero) drop out; the null slot [..., S] joins
