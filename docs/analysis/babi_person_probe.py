@@ -98,7 +98,7 @@ def slot_shares(params, mcfg, cfg, windows):
         weights = np.exp(pick - pick.max(-1, keepdims=True))
         weights = weights / weights.sum(-1, keepdims=True)
     kw = np.einsum("rjhd,rhj->rhd", k, weights)
-    logits = np.einsum("shd,rhd->rhs", addr, kw) / np.sqrt(addr.shape[-1])
+    logits = np.einsum("shd,rhd->rhs", addr, kw) * mcfg.address_scale / np.sqrt(addr.shape[-1])
     e = np.exp(logits - logits.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True), weights
 
