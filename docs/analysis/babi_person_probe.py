@@ -10,8 +10,9 @@ PLACE.') in the written segments:
    place; trained on the facts of even-numbered stories, scored on the odd ones (chance: 1 / 4 people, 1 / 6
    places). The same person probe on the final hidden states there (memory.write_key_source="final") and on the
    mean write features of the place token and the 7 before it (what a key window could gather).
-2. What does each trained write use? The token's slot shares (softmax over the slot addresses of its windowed key,
-   `GMemory` keyed write, before strength and recency) are compared between pairs of facts of the same document:
+2. What does each trained write use? The slot shares of the address that stores the place token's value (softmax
+   over the slot addresses of the windowed key of the place token, or of the token before it with
+   memory.write_value_shift=1; `GMemory` keyed write, before strength and recency) are compared between pairs of facts of the same document:
    mean cosine over heads for pairs with the same person and another place, another person and the same place,
    and neither. A write that addresses by person gives the first pairs the higher similarity; one that addresses
    by place, the second.
@@ -81,7 +82,13 @@ def ridge_accuracy(x, labels, train):
 
 def slot_shares(params, mcfg, cfg, windows):
     """Slot shares [R, heads, S] of the place tokens' windowed write keys and the window weights [R, heads, w]
-    that made them (the fixed mix, or memory.write_key_select's pick); windows [R, w, H] as `place_facts`."""
+    that made them (the fixed mix, or memory.write_key_select's pick); windows [R, w, H] as `place_facts`. With
+    memory.write_value_shift=1 the place token's value is stored at the address of the token before it, whose
+    window starts one row later."""
+    if mcfg.write_key_source != "write":
+        raise SystemExit("this probe makes the keys from the write features: memory.write_key_source='final' "
+                         "is not supported")
+    windows = windows[:, mcfg.write_value_shift:]
     module = memory_module(cfg, mcfg)
     keys = jax.jit(lambda p, h: module.apply({"params": p}, h, method=lambda m, y: m.write_k(m.encode(y, "write"))))
     nh, S = mcfg.num_heads, mcfg.num_slots
@@ -136,7 +143,8 @@ def main(config_arg, babi_dir, workdirs):
     people, where = [r[2] for r in rows], [r[3] for r in rows]
     probe = {"person, write features": (windows[:, 0], people), "place, write features": (windows[:, 0], where),
              "person, final hidden state": (np.stack([r[5] for r in rows]), people),
-             "person, mean write features of the 8-token window": (windows[:, :8].mean(1), people)}
+             "person, mean write features of the 8-token window": (windows[:, :8].mean(1), people),
+             "person, mean write features of the 8 tokens before": (windows[:, 1:9].mean(1), people)}
     print(f"{len(rows)} place tokens ({train.sum()} train / {(~train).sum()} test); ridge probe accuracy: "
           + "; ".join(f"{k} {100 * ridge_accuracy(x, y, train):.1f}%" for k, (x, y) in probe.items()))
     for wd, (params, mcfg) in zip(workdirs, memories):
@@ -145,9 +153,9 @@ def main(config_arg, babi_dir, workdirs):
         print(f"{Path(wd).name}:")
         print("  slot-share cosine: " + "; ".join(f"{k} {v:.3f} ({n} pairs)" for k, (v, n) in sims.items()))
         entropy = -(shares * np.log(shares + 1e-30)).sum(-1)  # [R, nh]
-        print(f"  slots a place token's address spreads over (exp entropy of its shares, of {mcfg.num_slots}), "
+        print(f"  slots the address of a place token's value spreads over (exp entropy of its shares, of {mcfg.num_slots}), "
               "per head: " + " ".join(f"{x:.0f}" for x in np.exp(entropy).mean(0)))
-        offsets = np.array([r[6] for r in rows])
+        offsets = np.array([r[6] for r in rows]) - mcfg.write_value_shift  # from the token whose key is used
         inside = np.flatnonzero((offsets >= 0) & (offsets < weights.shape[-1]))
         on_name = weights[inside, :, offsets[inside]]  # [R', nh]
         top = weights[inside].argmax(-1) == offsets[inside, None]
