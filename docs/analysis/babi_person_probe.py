@@ -9,12 +9,13 @@ PLACE.') in the written segments:
    input through the final norm, what the write's keys are made from) predicts the person and, for contrast, the
    place; trained on the facts of even-numbered stories, scored on the odd ones (chance: 1 / 4 people, 1 / 6
    places). The same person probe on the final hidden states there (memory.write_key_source="final") and on the
-   mean write features of the place token and the 7 before it (what a key window could gather).
+   mean write features of the place token and the 7 before it (what a key window could gather) and of the 8
+   tokens before it (what the window of the token before gathers, memory.write_value_shift=1).
 2. What does each trained write use? The slot shares of the address that stores the place token's value (softmax
    over the slot addresses of the windowed key of the place token, or of the token before it with
-   memory.write_value_shift=1; `GMemory` keyed write, before strength and recency) are compared between pairs of facts of the same document:
-   mean cosine over heads for pairs with the same person and another place, another person and the same place,
-   and neither. A write that addresses by person gives the first pairs the higher similarity; one that addresses
+   memory.write_value_shift=1; `GMemory` keyed write, before strength and recency) are compared between pairs of
+   facts of the same document: mean cosine over heads for pairs with the same person and another place, another
+   person and the same place, and neither. A write that addresses by person gives the first pairs the higher similarity; one that addresses
    by place, the second.
 3. How sharp each address is: the number of slots a place token's shares spread over (exp of their entropy).
 4. With memory.write_key_select, where the window's pick lands: its mean weight on the person's (first) token and
@@ -153,8 +154,8 @@ def main(config_arg, babi_dir, workdirs):
         print(f"{Path(wd).name}:")
         print("  slot-share cosine: " + "; ".join(f"{k} {v:.3f} ({n} pairs)" for k, (v, n) in sims.items()))
         entropy = -(shares * np.log(shares + 1e-30)).sum(-1)  # [R, nh]
-        print(f"  slots the address of a place token's value spreads over (exp entropy of its shares, of {mcfg.num_slots}), "
-              "per head: " + " ".join(f"{x:.0f}" for x in np.exp(entropy).mean(0)))
+        print(f"  slots the address of a place token's value spreads over (exp entropy of its shares, of "
+              f"{mcfg.num_slots}), per head: " + " ".join(f"{x:.0f}" for x in np.exp(entropy).mean(0)))
         offsets = np.array([r[6] for r in rows]) - mcfg.write_value_shift  # from the token whose key is used
         inside = np.flatnonzero((offsets >= 0) & (offsets < weights.shape[-1]))
         on_name = weights[inside, :, offsets[inside]]  # [R', nh]
