@@ -15,8 +15,8 @@ PLACE.') in the written segments:
    over the slot addresses of the windowed key of the place token, or of the token before it with
    memory.write_value_shift=1; `GMemory` keyed write, before strength and recency) are compared between pairs of
    facts of the same document: mean cosine over heads for pairs with the same person and another place, another
-   person and the same place, and neither. A write that addresses by person gives the first pairs the higher similarity; one that addresses
-   by place, the second.
+   person and the same place, and neither. A write that addresses by person gives the first pairs the higher
+   similarity; one that addresses by place, the second.
 3. How sharp each address is: the number of slots a place token's shares spread over (exp of their entropy).
 4. With memory.write_key_select, where the window's pick lands: its mean weight on the person's (first) token and
    how often that token has the largest weight, per head.
