@@ -14,7 +14,7 @@ head does not run twice either.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -395,26 +395,38 @@ def input_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: 
     """What the memory's encoder receives from the frozen model on segments [B, T]: {'read': [B, T, H] (the hook's
     input), 'write': [B, T, H] (the write's source)}, before any memory is injected."""
     if mcfg.injection == "final":
-        f = frozen_features(frozen, tokens, token_mask, cfg, mcfg.write_layer)
-        return {"read": f["features"], "write": f.get("write_features", f["features"])}
+        return encoder_inputs(frozen_features(frozen, tokens, token_mask, cfg, mcfg.write_layer))
     out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
                            hook_layer=mcfg.read_layer, layer_hook=lambda h: (h, h))
     return {"read": out.layer_aux, "write": out.layer_aux}
 
 
+def encoder_inputs(features: dict) -> dict:
+    """`frozen_features` output -> what the memory's encoder receives with the final injection: {'read': the
+    final hidden states, 'write': the write_layer's (or the final ones without a write_layer)}, each [B, T, H]."""
+    return {"read": features["features"], "write": features.get("write_features", features["features"])}
+
+
 def with_input_statistics(mem_params: dict, frozen: dict, tokens, token_mask, cfg: BackboneConfig,
-                          mcfg: MemoryConfig, batch_size: int = 16) -> dict:
+                          mcfg: MemoryConfig, batch_size: int = 16,
+                          features_fn: Optional[Callable[[np.ndarray, np.ndarray], dict]] = None) -> dict:
     """Memory params whose input standardisation (standardize_inputs) uses the per-channel mean and 1/std of the
     real tokens of `tokens`/`token_mask` [num_segments, T] (training segments), accumulated in float64. With
-    several processes every one must call it with the same segments (the backbone forward is collective)."""
+    several processes every one must call it with the same segments (the backbone forward is collective).
+
+    features_fn(tokens [b, T], token_mask [b, T]) -> `input_features`' dict: where the encoder inputs come from
+    (default: a jitted `input_features` call). The trainer passes its frozen-feature cache, so the segments the
+    statistics need run through the backbone once and training reuses them."""
     if not mcfg.standardize_inputs:
         return mem_params
     tokens, token_mask = np.asarray(tokens), np.asarray(token_mask).astype(bool)
-    run = jax.jit(input_features, static_argnums=(3, 4))
+    if features_fn is None:
+        run = jax.jit(input_features, static_argnums=(3, 4))
+        features_fn = lambda tok, msk: run(frozen, tok, msk, cfg, mcfg)  # noqa: E731
     sums = {}
     for start in range(0, len(tokens), batch_size):
         tok, msk = tokens[start:start + batch_size], token_mask[start:start + batch_size]
-        for side, h in run(frozen, tok, msk, cfg, mcfg).items():
+        for side, h in features_fn(tok, msk).items():
             h = host_numpy(h).astype(np.float64)[msk]  # [real tokens, H]; gathered if sharded over hosts
             acc = sums.setdefault(side, [0.0, 0.0, 0])
             acc[0], acc[1], acc[2] = acc[0] + h.sum(0), acc[1] + (h * h).sum(0), acc[2] + len(h)

@@ -56,6 +56,10 @@ class FeatureCache:
         self.served += len(keys)
         return {k: t[rows].reshape(B, N, T, -1) for k, t in self._tables.items()}
 
+    def segments(self, tokens: np.ndarray, token_mask: np.ndarray) -> dict:
+        """tokens, token_mask [b, T] (single segments) -> {key: [b, T, H]}; `features` without the N axis."""
+        return {k: v[:, 0] for k, v in self.features(tokens[:, None], token_mask[:, None]).items()}
+
     def _compute(self, keys: list, tok: np.ndarray, msk: np.ndarray) -> None:
         for lo in range(0, len(keys), self._chunk):
             t, m = tok[lo:lo + self._chunk], msk[lo:lo + self._chunk]

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from gmem_jax.backbones.model import count_params
-from gmem_jax.memory.model import count_memory_params, init_memory, with_input_statistics
+from gmem_jax.memory.model import count_memory_params, encoder_inputs, init_memory, with_input_statistics
 from gmem_jax.tasks.base import collate
 from gmem_jax.tasks.metrics import answer_token_scores
 from gmem_jax.training import builders, checkpoint, distributed, sharding
@@ -79,7 +79,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if main:
         _atomic_write_json(workdir / "config.json", builders.config_to_dict(config))
 
-    params = _initial_params(config, cfg, mcfg, frozen, train_examples)
+    # the cache first: with standardize_inputs the initial params' statistics read their segments from it
+    iterator, cache = _train_iterator(config, train_examples, frozen, cfg, mcfg)
+    params = _initial_params(config, cfg, mcfg, frozen, train_examples, cache)
     optimizer = make_optimizer(learning_rate=tc.learning_rate, total_steps=tc.steps, warmup_steps=tc.warmup_steps,
                                weight_decay=tc.weight_decay, clip_norm=tc.clip_norm,
                                lr_multipliers=_lr_multipliers(tc.lr_multipliers, params))
@@ -89,7 +91,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     state = jax.device_put(state, sharding.tree_shardings(state, mesh, state_rules))
     identity = checkpoint.run_identity(backbone_id, cfg.fingerprint(), params)
     store = checkpoint.CheckpointStore(workdir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-    iterator, cache = _train_iterator(config, train_examples, frozen, cfg, mcfg)
 
     restored = store.restore_latest(state, expected=identity)
     start_step = 0
@@ -187,11 +188,13 @@ def _warm_start(fresh: dict, source: str, cfg, mcfg) -> dict:
     return jax.tree.map(lambda f, x: jnp.asarray(x, f.dtype), fresh, loaded)
 
 
-def _initial_params(config, cfg, mcfg, frozen, examples) -> dict:
+def _initial_params(config, cfg, mcfg, frozen, examples, cache: Optional[FeatureCache] = None) -> dict:
     """Fresh memory params, or an earlier run's (train.init_memory_from, `_warm_start`); with
     memory.standardize_inputs, fresh ones get input statistics from the first 256 training examples' segments
     (deterministic, so a resumed run builds the same tree before restoring it; every process holds all training
-    examples, so all of them estimate from the same segments)."""
+    examples, so all of them estimate from the same segments). With a feature cache those segments' frozen
+    features come from (and stay in) the cache: training visits them anyway, so they run through the backbone
+    once instead of twice."""
     params = init_memory(jax.random.PRNGKey(config.train.seed), cfg, mcfg)
     if config.train.init_memory_from:
         return _warm_start(params, config.train.init_memory_from, cfg, mcfg)
@@ -199,8 +202,9 @@ def _initial_params(config, cfg, mcfg, frozen, examples) -> dict:
         return params
     sample = collate(list(examples[:256]))
     T = sample["tokens"].shape[-1]
+    features_fn = None if cache is None else lambda tok, msk: encoder_inputs(cache.segments(tok, msk))
     return with_input_statistics(params, frozen, sample["tokens"].reshape(-1, T), sample["token_mask"].reshape(-1, T),
-                                 cfg, mcfg, batch_size=config.eval.batch_size)
+                                 cfg, mcfg, batch_size=config.eval.batch_size, features_fn=features_fn)
 
 
 def _train_iterator(config, examples, frozen, cfg, mcfg) -> tuple[BatchIterator, Optional[FeatureCache]]:

@@ -130,3 +130,28 @@ def test_input_statistics_standardize_the_real_tokens(write_layer):
         np.testing.assert_allclose(x.std(0), 1.0, rtol=1e-3)
     differs = float(np.abs(np.asarray(mem["read_mean"]) - np.asarray(mem["write_mean"])).max())
     assert (differs > 1e-3) == (write_layer >= 0)
+
+
+@pytest.mark.parametrize("write_layer", [-1, 1])
+def test_input_statistics_read_through_the_cache_equal_direct_ones_and_stay_cached(write_layer):
+    """The trainer estimates the input statistics from its feature cache: the same numbers as running the backbone
+    directly, each distinct segment computed once, and a later training batch of those segments computes nothing."""
+    from gmem_jax.memory.model import encoder_inputs, init_memory, with_input_statistics
+
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("final", write_layer=write_layer, standardize_inputs=True)
+    mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
+    b = random_batch(cfg, B=3, N=2)
+    tokens, mask = np.asarray(b["tokens"]), np.asarray(b["token_mask"])
+    tokens[2, 1], mask[2, 1] = tokens[0, 0], mask[0, 0]  # a repeated segment: computed once
+    tok, msk = tokens.reshape(6, -1), mask.reshape(6, -1)
+    direct = with_input_statistics(mem, frozen, tok, msk, cfg, mcfg, batch_size=4)
+    cache = FeatureCache(frozen, cfg, write_layer=write_layer, chunk=4)
+    cached = with_input_statistics(mem, frozen, tok, msk, cfg, mcfg, batch_size=4,
+                                   features_fn=lambda t, m: encoder_inputs(cache.segments(t, m)))
+    assert cache.num_segments == 5
+    for k in ("read_mean", "read_inv_std", "write_mean", "write_inv_std"):
+        np.testing.assert_allclose(np.asarray(cached[k]), np.asarray(direct[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+        assert float(np.abs(np.asarray(cached[k]) - np.asarray(mem[k])).max()) > 1e-3  # statistics were set
+    cache.features(tokens, mask)
+    assert cache.num_segments == 5
