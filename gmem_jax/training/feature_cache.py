@@ -8,8 +8,8 @@ questions) are computed and stored once.
 
 The cache fills lazily, batch by batch: a segment is computed the first time a batch contains it. A run of a few
 hundred steps over a large training set therefore pays only for the segments it visits (not the whole set up
-front), a resumed run refills only what it meets again, and any batch (the trainer's end-of-run probe
-included) can be served.
+front; plus the segments the input statistics are estimated from, `trainer._initial_params`), a resumed run
+refills only what it meets again, and any batch (the trainer's end-of-run probe included) can be served.
 
 Cost: one float array [distinct segments seen, seg_len, H] (two with a write_layer) in host RAM (all of ZsRE
 counterfactual at SmolLM2: ~1.3 GB). Single process only: with several processes each would need its own shard.

@@ -193,8 +193,8 @@ def _initial_params(config, cfg, mcfg, frozen, examples, cache: Optional[Feature
     memory.standardize_inputs, fresh ones get input statistics from the first 256 training examples' segments
     (deterministic, so a resumed run builds the same tree before restoring it; every process holds all training
     examples, so all of them estimate from the same segments). With a feature cache those segments' frozen
-    features come from (and stay in) the cache: training visits them anyway, so they run through the backbone
-    once instead of twice."""
+    features come from (and stay in) the cache: an epoch visits them anyway, so they run through the backbone once
+    instead of twice (a run shorter than an epoch keeps a few it never trains on)."""
     params = init_memory(jax.random.PRNGKey(config.train.seed), cfg, mcfg)
     if config.train.init_memory_from:
         return _warm_start(params, config.train.init_memory_from, cfg, mcfg)
