@@ -18,20 +18,17 @@ import numpy as np
 
 from configs.smollm2_hotpotqa import get_config
 from gmem_jax.memory.model import forward_segments
+from gmem_jax.tasks.hotpot_metrics import sp_scores
 from gmem_jax.tasks.base import collate
 from gmem_jax.training import builders
 from gmem_jax.training.checkpoint import load_exported_memory
 
 
 def sentence_f1(scores: np.ndarray, gold: np.ndarray, k: int) -> float:
-    """F1 of predicting the k highest-scoring sentences of one question [sentences] against its gold [sentences]."""
-    pred = np.zeros_like(gold)
-    pred[np.argsort(-scores)[:k]] = 1
-    tp = float((pred * gold).sum())
-    if tp == 0:
-        return 0.0
-    prec, rec = tp / pred.sum(), tp / gold.sum()
-    return 2 * prec * rec / (prec + rec)
+    """F1 of predicting the k highest-scoring sentences of one question [sentences] against its gold [sentences],
+    by the official metric's set F1 (`hotpot_metrics.sp_scores`, sentence indices standing for (title, sent_id))."""
+    top = [(int(i),) for i in np.argsort(-scores)[:k]]
+    return sp_scores(top, [(int(i),) for i in np.flatnonzero(gold)])[1]
 
 
 def main(workdirs: list[str]) -> None:
