@@ -180,6 +180,15 @@ class MemoryConfig:
       `support_mask`, from the task's labels), so the read is told which occurrence of the target answers the
       question, not just any written token equal to it: the strong supervision of the original Memory Networks
       (Weston et al., 2015, bAbI's supporting facts). Needs pointer_weight > 0.
+    address_oracle: keyed write. A diagnostic, not a method: a logit bias of this size (0: off) on slot block
+      address_oracle_blocks-way of every token's address, from the batch's `entity` labels (SegmentedExample.entity;
+      bAbI qa1-qa3 label each fact's tokens with its person and the question's with the person asked). The write
+      files a token of entity e in block 1 + e mod (blocks - 1) and a token with no entity (filler) in block 0; the
+      read of a token of entity e looks in e's block, other reads are unbiased. Slot s is in block s * blocks // S.
+      Training with it says what accuracy a write that bound each fact to its person, and a read that asked that
+      person, would reach: the upper bound of fixing the binding (docs/results.md, "Why binding fails"). It needs
+      the labels at evaluation too, so only teacher-forced scoring applies (docs/analysis/babi_oracle_address.py).
+    address_oracle_blocks: how many slot blocks address_oracle splits the S slots into (>= 2; block 0 is filler's).
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
@@ -234,6 +243,8 @@ class MemoryConfig:
     pointer_weight: float = 0.0
     pointer_segments: int = 1
     pointer_support: bool = False
+    address_oracle: float = 0.0
+    address_oracle_blocks: int = 8
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -283,6 +294,13 @@ class MemoryConfig:
                             "and a value >= 0 (0 turns it off)")
         if self.pointer_support and not self.pointer_weight:
             raise GmemError("memory pointer_support restricts the pointer loss; it needs pointer_weight > 0")
+        if self.address_oracle < 0 or (self.address_oracle and not (
+                self.write_attention == "keyed" and 2 <= self.address_oracle_blocks <= self.num_slots
+                and not (self.read_by_content or self.read_by_write_key))):
+            raise GmemError(f"memory address_oracle={self.address_oracle} needs write_attention='keyed' with the read "
+                            "matching the slot addresses (read_by_content / read_by_write_key off), "
+                            f"2 <= address_oracle_blocks (={self.address_oracle_blocks}) <= num_slots, and a value "
+                            ">= 0 (0 turns it off)")
         if self.pointer_segments < 0:
             raise GmemError(f"memory pointer_segments={self.pointer_segments} must be >= 0 (how many written segments "
                             "the pointer loss looks back into; 0: all of them)")

@@ -78,18 +78,20 @@ def initial_state(mem_params: dict, cfg: BackboneConfig, mcfg: MemoryConfig, bat
 def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: MemoryConfig,
                  frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
                  later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
-                 scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None) -> dict:
+                 scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None,
+                 entity: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
     None). Pass `frozen` where the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the
     write's source (see `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
     [B, T]): see `GMemory._inject`; `content_state`, `scope_mask` [B, T] / `scope_query` [B, H] (memory.scope_gate:
-    the prompt, or its mean final hidden state, `prompt_query`): see `GMemory.read_and_inject`."""
+    the prompt, or its mean final hidden state, `prompt_query`), `entity` [B, T] (memory.address_oracle): see
+    `GMemory.read_and_inject`."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME)
         h_out, alpha, gate = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later,
-                                   content_state, scope_mask, scope_query)
+                                   content_state, scope_mask, scope_query, entity)
         return h_out, (h, alpha, gate)
 
     if mcfg.injection != "final":
@@ -182,7 +184,7 @@ def forward_segments(
     write_features [B, N, T, H] (the frozen backbone's hidden states of each segment, `frozen_features`; with
     final injection they do not depend on the memory, so a trainer may compute them once, not at every step),
     sent_pos/sent_mask/sent_label [B, N, Ms] (with
-    sp_head). use_memory=False is the ablation "same trainable modules, memory disabled": every segment reads the
+    sp_head), entity [B, N, T] int (memory.address_oracle). use_memory=False is the ablation "same trainable modules, memory disabled": every segment reads the
     initial slot bank and nothing is written, so each segment sees only itself.
     """
     features = batch.get("features")
@@ -214,14 +216,19 @@ def forward_segments(
                         "supporting-fact labels); build batches with collate or set pointer_support=False")
     # the written tokens the pointer loss may point at: all real ones, or (pointer_support) the supporting facts'
     target = batch["support_mask"].astype(bool) if pointer and mcfg.pointer_support else batch["token_mask"]
+    if mcfg.address_oracle and "entity" not in batch:
+        raise GmemError("memory.address_oracle needs the batch's entity labels (tasks.base.collate makes them from "
+                        "the task's SegmentedExample.entity); build batches with collate or set address_oracle=0")
+    entity = batch["entity"] if mcfg.address_oracle else jnp.zeros((B, N, 0), jnp.int32)
 
     def seg_step(carry, xs):
-        k, tok, msk, lab, lmask, rst, spos, tgt, feat = xs
+        k, tok, msk, lab, lmask, rst, spos, tgt, ent, feat = xs
+        ent = ent if ent.shape[-1] else None  # [B, T] memory.address_oracle's labels, else None
         state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry[:2])
         ptr = carry[2]
         detach = _later_targets(lmask, mcfg.read_grad_targets)
         hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
-                             content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None)
+                             content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None, entity=ent)
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
@@ -250,12 +257,12 @@ def forward_segments(
             ptr, ptr_ys = _pointer_terms(ptr, rst, take_rows(alpha), take(lab), in_scope)
         if use_memory:
             new_state, z, *prov = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
-                                        False, h_final, pointer)
+                                        False, h_final, pointer, ent)
             if pointer:  # a segment with no real tokens writes nothing: the last written ones stay
                 ptr = _push_provenance(ptr, prov[0], tok, msk, z, tgt)
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
-                                         gate_override, True, h_final)
+                                         gate_override, True, h_final, False, ent)
             if mcfg.bptt_depth:
                 cut = (k + 1) % mcfg.bptt_depth == 0  # truncated BPTT: no gradient into older segments
                 new_state, content_state = (None if x is None else jnp.where(cut, jax.lax.stop_gradient(x), x)
@@ -290,7 +297,7 @@ def forward_segments(
     spos = batch["sent_pos"] if sp else jnp.zeros((B, N, 1), jnp.int32)
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
                                           batch["loss_mask"].astype(jnp.float32), reset, spos,
-                                          target.astype(bool))),
+                                          target.astype(bool), entity)),
           None if features is None else jax.tree.map(seg_major, features))
     ptr0 = None
     if pointer:  # nothing written yet: zero provenance over a segment of no real tokens
@@ -442,20 +449,24 @@ def with_input_statistics(mem_params: dict, frozen: dict, tokens, token_mask, cf
 
 
 def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,
-                  mcfg: MemoryConfig, state: Optional[jax.Array] = None) -> jax.Array:
-    """Write context segments into memory without computing any loss: tokens/token_mask [B, N, T] -> [B, S, M]."""
+                  mcfg: MemoryConfig, state: Optional[jax.Array] = None, entity: Optional[jax.Array] = None
+                  ) -> jax.Array:
+    """Write context segments into memory without computing any loss: tokens/token_mask [B, N, T] -> [B, S, M];
+    entity [B, N, T]: memory.address_oracle's labels."""
     B, N, T = tokens.shape
     state = initial_state(mem_params, cfg, mcfg, B) if state is None else state
+    entity = jnp.zeros((B, N, 0), jnp.int32) if entity is None else entity
 
     def seg_step(state, xs):
-        tok, msk = xs
+        tok, msk, ent = xs
+        ent = ent if ent.shape[-1] else None
         out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
-                               **memory_hooks(mem_params, state, cfg, mcfg, frozen, scope_mask=msk))
+                               **memory_hooks(mem_params, state, cfg, mcfg, frozen, scope_mask=msk, entity=ent))
         h_ext, _, _ = write_source(out, mcfg)
         h_final = out.final_aux[0] if mcfg.injection == "final" else None
-        return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, None, False, h_final)[0], None
+        return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, None, False, h_final, False, ent)[0], None
 
-    state, _ = jax.lax.scan(seg_step, state, (jnp.swapaxes(tokens, 0, 1), jnp.swapaxes(token_mask, 0, 1)))
+    state, _ = jax.lax.scan(seg_step, state, tuple(jnp.swapaxes(x, 0, 1) for x in (tokens, token_mask, entity)))
     return state
 
 

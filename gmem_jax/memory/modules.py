@@ -19,7 +19,8 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
               so a token's address can come from whichever token of its window (a name) the query u picks out;
               address_scale: the slot-address logits, here and in the read, are multiplied by a fixed factor;
               write_key_source="final": keys (and keyed strengths) from E(final hidden states), values from E(h);
-              write_value_shift: token t's key carries token t + 1's value)
+              write_value_shift: token t's key carries token t + 1's value;
+              address_oracle: the address logits of a token get a bias on its entity's slot block, a diagnostic)
              update gate: g = sigmoid(W[Mem; A] + b);  Mem' = g*A + (1-g)*Mem
              (provenance, memory.pointer_weight: P [B, S, T] = mean_channels(g) * mean_heads(token t's content
               weight in slot s), the share of slot s's new content that is token t's value)
@@ -219,8 +220,22 @@ class GMemory(nn.Module):
         nh = self.cfg.num_heads
         return y.reshape(y.shape[:-1] + (nh, y.shape[-1] // nh)).astype(jnp.float32)
 
+    def _oracle_bias(self, entity: Optional[jax.Array], write: bool) -> jax.Array:
+        """memory.address_oracle's logit bias [B, T, S] from entity labels [B, T] (-1: none): a token of entity e
+        gets it on block 1 + e mod (blocks - 1); on the write side a token of no entity gets it on block 0, on the
+        read side nothing (see MemoryConfig)."""
+        c = self.cfg
+        if entity is None:
+            raise GmemError("memory address_oracle needs the batch's entity labels (tasks.base.collate makes them "
+                            "from the task's SegmentedExample.entity); build batches with collate or set "
+                            "address_oracle=0")
+        nb = c.address_oracle_blocks
+        block = jnp.arange(c.num_slots) * nb // c.num_slots  # [S]
+        target = jnp.where(entity >= 0, 1 + jnp.maximum(entity, 0) % (nb - 1), 0 if write else -1)  # [B, T]
+        return c.address_oracle * (block == target[..., None]).astype(jnp.float32)
+
     def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array, content_only: bool = False,
-                                x_key: Optional[jax.Array] = None):
+                                x_key: Optional[jax.Array] = None, entity: Optional[jax.Array] = None):
         """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S],
         the content weights [B, heads, S, T]: how much of what slot s stores (per head) is token t's value, rows
         summing to 1 where the slot won anything, since A_s = W_o(sum_t w_st v_t) + b_o = sum_t w_st (W_o v_t + b_o)).
@@ -239,7 +254,8 @@ class GMemory(nn.Module):
         docs/results.md, "Binding"). content_only: the token-to-slot shares are gradient constants (see `write`).
         x_key [B, T, M] (memory.write_key_source="final"): what a token's address and strength come from (else x).
         memory.write_value_shift: token t's address carries token t + 1's value (t's content weights then say how
-        much of that value a slot holds), and only tokens followed by a real token offer one."""
+        much of that value a slot holds), and only tokens followed by a real token offer one.
+        entity [B, T] (memory.address_oracle): the labels whose slot blocks the addresses are biased to."""
         B, S, M = state.shape
         x_key = x if x_key is None else x_key
         if self.cfg.write_value_shift:
@@ -266,6 +282,8 @@ class GMemory(nn.Module):
             else:
                 k = jnp.einsum("jbthd,jh->bthd", shifted, mix)
         logits = jnp.einsum("bshd,bthd->bhst", q, k) * (self.cfg.address_scale / jnp.sqrt(q.shape[-1]))
+        if self.cfg.address_oracle:
+            logits = logits + jnp.swapaxes(self._oracle_bias(entity, write=True), 1, 2)[:, None]
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:
             share = jax.lax.stop_gradient(share)
@@ -295,7 +313,8 @@ class GMemory(nn.Module):
         return a, strength.mean(1), content_weights
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
-              content_only: bool = False, final_h: Optional[jax.Array] = None, provenance: bool = False):
+              content_only: bool = False, final_h: Optional[jax.Array] = None, provenance: bool = False,
+              entity: Optional[jax.Array] = None):
         """Consolidate a segment into memory.
 
         state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]),
@@ -309,7 +328,7 @@ class GMemory(nn.Module):
         token-to-slot shares, the gates) are gradient constants, so a loss through this state trains only what is
         stored (values, output map, GRU candidate, the encoder through them).
         final_h [B, T, H]: the segment's final hidden states, pooled into the summary row (memory.scope_gate) and
-        the source of the write keys (memory.write_key_source="final").
+        the source of the write keys (memory.write_key_source="final"). entity [B, T]: memory.address_oracle's labels.
         """
         c = self.cfg
         if provenance and (c.write_attention != "keyed" or c.gate != "update"):
@@ -328,7 +347,7 @@ class GMemory(nn.Module):
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
             strength = None
         else:
-            a, strength, content_weights = self._slot_competitive_write(state, x, mask, content_only, x_key)
+            a, strength, content_weights = self._slot_competitive_write(state, x, mask, content_only, x_key, entity)
         gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
         if content_only:
             gates = jax.lax.stop_gradient(gates)
@@ -355,11 +374,12 @@ class GMemory(nn.Module):
         return new, z
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def _read_weights(self, state: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _read_weights(self, state: jax.Array, h: jax.Array,
+                      entity: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
         """Read weights: state [B, S, M], h [B, T, H] -> ([B, T, heads, S] (keyed, one softmax per head over that
         head's part of the slots) or [B, T, S]; with memory.token_gate_match the match m [B, T] = mean over heads of
         logsumexp(logits) - log S, how strongly the token's query found something in memory, 0 when the logits are
-        uniform; otherwise None)."""
+        uniform; otherwise None). entity [B, T]: memory.address_oracle's labels."""
         c = self.cfg
         x = self.encode(h)
         bias = jnp.log(self._slot_importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
@@ -374,6 +394,8 @@ class GMemory(nn.Module):
             else:  # match the slots' fixed addresses, [S, nh, d]
                 logits = jnp.einsum("bthd,shd->bths", q, self._split_heads(self.slot_keys))
             logits = logits * (c.address_scale / jnp.sqrt(q.shape[-1])) + bias[:, None, None, :]
+            if c.address_oracle:
+                logits = logits + self._oracle_bias(entity, write=False)[:, :, None]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]
         if c.read_written_only:  # unwritten slots (still exactly zero) drop out; the null slot [..., S] joins
@@ -399,29 +421,33 @@ class GMemory(nn.Module):
             return out.reshape(out.shape[:2] + (-1,))
         return jnp.einsum("bts,bsm->btm", weights, state)
 
-    def _retrieve(self, state: jax.Array, h: jax.Array):
-        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S], match [B, T])."""
+    def _retrieve(self, state: jax.Array, h: jax.Array, entity: Optional[jax.Array] = None):
+        """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S], match [B, T]);
+        entity [B, T]: memory.address_oracle's labels."""
         state, _ = self.split_summary(state)
-        weights, match = self._read_weights(state, h)
+        weights, match = self._read_weights(state, h, entity)
         alpha = weights.mean(2) if weights.ndim == 4 else weights
         return self._gather(weights, state), weights, alpha, match
 
-    def read(self, state: jax.Array, h: jax.Array):
-        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S])."""
-        retrieved, _, alpha, _ = self._retrieve(state, h)
+    def read(self, state: jax.Array, h: jax.Array, entity: Optional[jax.Array] = None):
+        """Retrieve for every token: state [B, S, M], h [B, T, H] -> (r [B, T, H], alpha [B, T, S]); entity [B, T]:
+        memory.address_oracle's labels."""
+        retrieved, _, alpha, _ = self._retrieve(state, h, entity)
         return self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32), alpha
 
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
                         later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
-                        scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None):
+                        scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None,
+                        entity: Optional[jax.Array] = None):
         """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S], the
         token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate; with
         memory.scope_gate instead the scope gate broadcast to [B, T], with its gradient, for the scope loss).
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented.
         memory.scope_gate: the question vector is the mean of h over scope_mask [B, T] (the segment's prompt), or
-        given pooled as scope_query [B, H] (generation, where a decode step sees one token)."""
-        retrieved, weights, alpha, match = self._retrieve(state, h)
+        given pooled as scope_query [B, H] (generation, where a decode step sees one token). entity [B, T]:
+        memory.address_oracle's labels."""
+        retrieved, weights, alpha, match = self._retrieve(state, h, entity)
         scope = None
         if self.cfg.scope_gate:
             if scope_query is not None:
@@ -516,8 +542,9 @@ class GMemory(nn.Module):
     def __call__(self, h: jax.Array, mask: jax.Array):
         """Touches every parameter (used by init): h [B, T, H], mask [B, T]."""
         state = self.initial_state(h.shape[0])
-        h_out, _, _ = self.read_and_inject(state, h, scope_mask=mask)
-        state, _ = self.write(state, h, mask, final_h=h)
+        entity = jnp.zeros(mask.shape, jnp.int32) if self.cfg.address_oracle else None
+        h_out, _, _ = self.read_and_inject(state, h, scope_mask=mask, entity=entity)
+        state, _ = self.write(state, h, mask, final_h=h, entity=entity)
         out = h_out, self.importance(state)
         if self.cfg.sp_head:
             out = out + (self.sentence_scores(h, h[:, 0]),)

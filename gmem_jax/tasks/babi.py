@@ -28,6 +28,9 @@ from gmem_jax.tasks.metrics import answer_em, grouped_mean
 from gmem_jax.tasks.segment import Unit, sentence_units
 from gmem_jax.tasks.tokenizers import encode_batch
 
+#: Tasks whose facts each start with the person they are about ("Mary went to the hallway.", "John got the milk
+#: there."): these label tokens with SegmentedExample.entity (`story_entities`); qa4's facts start with "The".
+ENTITY_TASKS = (1, 2, 3)
 SPLIT_ALIASES = {"train": "train", "test": "test", "dev": "test", "validation": "test"}  # bAbI has no dev split
 HUB_ID = "facebook/babi_qa"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
@@ -138,6 +141,18 @@ def filler_token_ids(path: str | Path, tokenizer: Any) -> list[list[int]]:
     return per_file[key]
 
 
+def story_entities(facts: Sequence[str], question: str) -> tuple[list[int], int]:
+    """Entity labels of a qa1-qa3 story (`ENTITY_TASKS`): each fact's person, numbered in order of first
+    appearance in the story (0, 1, ...), and the question's, the person it names (-1 if it names none, as qa2's
+    "Where is the football?")."""
+    people: list[str] = []
+    for fact in facts:
+        if fact.split()[0] not in people:
+            people.append(fact.split()[0])
+    named = [people.index(w) for w in re.findall(r"[A-Za-z]+", question) if w in people]
+    return [people.index(f.split()[0]) for f in facts], (named[0] if named else -1)
+
+
 class BabiTask(Task):
     """bAbI qa tasks (default 1-5), optionally BABILong-style (`target_tokens` + `filler`).
 
@@ -186,9 +201,11 @@ class BabiTask(Task):
         out = []
         for task in self.tasks:
             for qi, q in enumerate(self.questions(split, task)[:limit]):
+                entities, asked = (story_entities([t for _, t in q.facts], q.question) if task in ENTITY_TASKS
+                                   else (None, -1))
                 facts = sentence_units(tokenizer, [t for _, t in q.facts],
                                        keys=[(f"qa{task}", lid) for lid, _ in q.facts],
-                                       labels=[float(lid in q.supporting) for lid, _ in q.facts])
+                                       labels=[float(lid in q.supporting) for lid, _ in q.facts], entities=entities)
                 if self.target_tokens is not None:
                     facts = self._with_filler(facts, tokenizer, np.random.default_rng([seed, task, qi]))
                 meta = {"id": f"qa{task}-{split}-{q.story}-{q.line}", "task": self.name, "babi_task": task,
@@ -196,7 +213,7 @@ class BabiTask(Task):
                         "context_tokens": sum(len(u.tokens) for u in facts),
                         "supporting_facts": [[f"qa{task}", s] for s in q.supporting]}
                 out.append(self.build(tokenizer, facts, q.question, q.answer, meta, n_seg=n_seg, seg_len=seg_len,
-                                      max_sents=max_sents))
+                                      max_sents=max_sents, question_entity=asked))
         return out
 
     def _with_filler(self, facts: list[Unit], tokenizer: Any, rng: np.random.Generator) -> list[Unit]:

@@ -26,9 +26,11 @@ QA_PROMPT = "Question: {question}\nAnswer:"
 LAYOUTS = ("memory", "none", "prompt")
 OVERFLOW_POLICIES = ("drop_oldest", "error")
 
-ARRAY_FIELDS = ("tokens", "token_mask", "labels", "loss_mask", "support_mask", "sent_pos", "sent_mask", "sent_label")
+ARRAY_FIELDS = ("tokens", "token_mask", "labels", "loss_mask", "support_mask", "sent_pos", "sent_mask", "sent_label",
+                "entity")
 _DTYPES = {"tokens": np.int32, "token_mask": np.bool_, "labels": np.int32, "loss_mask": np.float32,
-           "support_mask": np.bool_, "sent_pos": np.int32, "sent_mask": np.bool_, "sent_label": np.float32}
+           "support_mask": np.bool_, "sent_pos": np.int32, "sent_mask": np.bool_, "sent_label": np.float32,
+           "entity": np.int32}
 
 
 @dataclasses.dataclass
@@ -50,6 +52,9 @@ class SegmentedExample:
     meta       dict                        host-side: 'id', 'task', 'answers' (gold strings), 'sent_keys'
                                            ([[key or None] * max_sents] * n_seg), 'layout', 'dropped_tokens',
                                            'dropped_sentences', plus whatever the task's metric needs
+    entity     int32   [n_seg, seg_len]    which entity (e.g. bAbI's person, numbered per story) a token's
+                                           sentence, or the question, is about; -1 where none or unknown (the
+                                           default); what memory.address_oracle files tokens by
     """
 
     tokens: np.ndarray
@@ -62,6 +67,11 @@ class SegmentedExample:
     sent_label: np.ndarray
     prompt_len: int
     meta: dict
+    entity: np.ndarray | None = None  # None: no entity labels, all -1
+
+    def __post_init__(self):
+        if self.entity is None:
+            self.entity = np.full(np.shape(self.tokens), -1, np.int32)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -163,8 +173,9 @@ class Task(abc.ABC):
         vocabulary from (`WordTokenizer.from_texts(task.texts('train'))`)."""
 
     def build(self, tokenizer: Any, units, question: str, answer: str, meta: dict, *, n_seg: int, seg_len: int,
-              max_sents: int) -> SegmentedExample:
-        """Tokenize the question prompt and answer and lay the example out with this task's layout/overflow."""
+              max_sents: int, question_entity: int = -1) -> SegmentedExample:
+        """Tokenize the question prompt and answer and lay the example out with this task's layout/overflow
+        (question_entity: the `entity` label of the prompt and answer tokens)."""
         from gmem_jax.tasks.segment import build_example
         from gmem_jax.tasks.tokenizers import encode_batch, special_ids
 
@@ -173,7 +184,8 @@ class Task(abc.ABC):
                                                     " " + answer.strip(), "\n"])
         return build_example(units, prompt, ans if answer.strip() else [], n_seg=n_seg, seg_len=seg_len,
                              max_sents=max_sents, pad_id=pad_id, eos_id=eos_id, layout=self.layout,
-                             window=self.window, context_sep=sep, overflow=self.overflow, meta=meta)
+                             window=self.window, context_sep=sep, overflow=self.overflow, meta=meta,
+                             question_entity=question_entity)
 
 
 def check_dims(task: str, n_seg: int, seg_len: int, max_sents: int) -> None:

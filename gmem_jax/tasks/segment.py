@@ -33,6 +33,7 @@ class Unit:
     label: 1.0 for a supporting fact
     slot:  whether it gets a sentence slot (sent_pos/sent_mask/sent_label); titles and filler do not
     group: paragraph id; consecutive units with the same non-None group are kept in one segment when they fit
+    entity: what the sentence is about (SegmentedExample.entity), -1 for nothing known
     """
 
     tokens: tuple[int, ...]
@@ -40,6 +41,7 @@ class Unit:
     label: float = 0.0
     slot: bool = True
     group: int | None = None
+    entity: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +56,8 @@ class Piece:
 
 def sentence_units(tokenizer: Any, sentences: Sequence[str], *, keys: Sequence[Hashable | None] | None = None,
                    labels: Sequence[float] | None = None, slots: Sequence[bool] | None = None,
-                   groups: Sequence[int | None] | None = None) -> list[Unit]:
-    """Units for sentences (per-sentence keys/labels/slots/groups; defaults None/0.0/True/None), each tokenized
+                   groups: Sequence[int | None] | None = None, entities: Sequence[int] | None = None) -> list[Unit]:
+    """Units for sentences (per-sentence keys/labels/slots/groups/entities; defaults None/0.0/True/None/-1), each tokenized
     on its own as " " + sentence.strip(), in one batched tokenizer call. Empty sentences are dropped (they have
     no last token to point at)."""
     n = len(sentences)
@@ -63,9 +65,11 @@ def sentence_units(tokenizer: Any, sentences: Sequence[str], *, keys: Sequence[H
     labels = list(labels) if labels is not None else [0.0] * n
     slots = list(slots) if slots is not None else [True] * n
     groups = list(groups) if groups is not None else [None] * n
+    entities = list(entities) if entities is not None else [-1] * n
     kept = [i for i, s in enumerate(sentences) if s.strip()]
     ids = encode_batch(tokenizer, [" " + sentences[i].strip() for i in kept])
-    return [Unit(tuple(t), keys[i], float(labels[i]), bool(slots[i]), groups[i]) for i, t in zip(kept, ids) if t]
+    return [Unit(tuple(t), keys[i], float(labels[i]), bool(slots[i]), groups[i], int(entities[i]))
+            for i, t in zip(kept, ids) if t]
 
 
 def pack_units(units: Sequence[Unit], *, seg_len: int, max_sents: int) -> list[list[Piece]]:
@@ -123,8 +127,8 @@ def pack_units(units: Sequence[Unit], *, seg_len: int, max_sents: int) -> list[l
 
 def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence[int], *, n_seg: int, seg_len: int,
                   max_sents: int, pad_id: int, eos_id: int, layout: str = "memory", window: int | None = None,
-                  context_sep: Sequence[int] = (), overflow: str = "drop_oldest", meta: dict | None = None
-                  ) -> SegmentedExample:
+                  context_sep: Sequence[int] = (), overflow: str = "drop_oldest", meta: dict | None = None,
+                  question_entity: int = -1) -> SegmentedExample:
     """Lay out one document: context `units` before the last segment, then prompt + answer + EOS in it.
 
     layout "memory": units packed into the n_seg - 1 segments before the last (empty segments at the FRONT);
@@ -135,7 +139,8 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
     labels are the answer tokens and EOS. If the context needs more than n_seg - 1 segments, overflow
     "drop_oldest" drops the earliest segments, "error" raises. meta 'dropped_tokens' / 'dropped_sentences'
     count the context the example does not contain (for "none": all of it; for "prompt": what is outside the
-    window).
+    window). `entity` carries each context unit's entity to its tokens and question_entity to the prompt's and the
+    answer's.
     """
     meta = dict(meta or {})
     name = meta.get("id", "?")
@@ -158,11 +163,12 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
         keep = max(0, min(keep, n_context))
         flat = [t for u in units for t in u.tokens]
         head = flat[len(flat) - keep:] if keep else []
+        head_entity = [u.entity for u in units for _ in u.tokens][len(flat) - keep:] if keep else []
         last = head + (list(context_sep) if head else []) + list(prompt)
         dropped_tokens = n_context - keep
         dropped_sentences = _sentences_ending_before(units, n_context - keep)
     else:
-        last = list(prompt)
+        last, head_entity = list(prompt), []
         if layout == "memory":
             segments = pack_units(units, seg_len=seg_len, max_sents=max_sents)
             excess = len(segments) - (n_seg - 1)
@@ -186,6 +192,7 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
     tokens = np.full((n_seg, seg_len), pad_id, np.int32)
     token_mask = np.zeros((n_seg, seg_len), np.bool_)
     support_mask = np.zeros((n_seg, seg_len), np.bool_)
+    entity = np.full((n_seg, seg_len), -1, np.int32)
     sent_pos = np.zeros((n_seg, max_sents), np.int32)
     sent_mask = np.zeros((n_seg, max_sents), np.bool_)
     sent_label = np.zeros((n_seg, max_sents), np.float32)
@@ -197,6 +204,7 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
             u = units[p.unit]
             tokens[s, pos:pos + p.end - p.start] = u.tokens[p.start:p.end]
             support_mask[s, pos:pos + p.end - p.start] = u.label > 0
+            entity[s, pos:pos + p.end - p.start] = u.entity
             pos += p.end - p.start
             if p.last and u.slot and max_sents > 0:
                 sent_pos[s, slot], sent_mask[s, slot], sent_label[s, slot] = pos - 1, True, u.label
@@ -205,6 +213,8 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
         token_mask[s, :pos] = True
     tokens[-1, :len(last)] = last
     token_mask[-1, :len(last)] = True
+    entity[-1, :len(head_entity)] = head_entity  # the separator after them stays -1
+    entity[-1, len(last) - len(answer) - 1 - len(prompt):len(last)] = question_entity
 
     labels = np.zeros((n_seg, seg_len), np.int32)
     labels[:, :-1] = np.where(token_mask[:, 1:], tokens[:, 1:], 0)  # next token within the same segment
@@ -213,7 +223,7 @@ def build_example(units: Sequence[Unit], prompt: Sequence[int], answer: Sequence
     meta.update(sent_keys=sent_keys, layout=layout, dropped_tokens=int(dropped_tokens),
                 dropped_sentences=int(dropped_sentences), n_context_segments=len(segments))
     return SegmentedExample(tokens, token_mask, labels, loss_mask, support_mask, sent_pos, sent_mask, sent_label,
-                            prompt_len, meta)
+                            prompt_len, meta, entity)
 
 
 def _sentences_ending_before(units: Sequence[Unit], n_tokens: int) -> int:

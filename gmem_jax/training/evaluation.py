@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from gmem_jax import generation
 from gmem_jax.backbones import forward
+from gmem_jax.errors import GmemError
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
 from gmem_jax.memory.model import (forward_segments, initial_state, later_in_generation, memory_hooks,
@@ -81,6 +82,15 @@ def _left_padded_prompts(batch: dict) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
+def check_scorable(mcfg: Optional[MemoryConfig]) -> None:
+    """GmemError for a memory `predict` cannot score: memory.address_oracle reads by entity labels, which
+    generation (one token a step, no labels) does not have."""
+    if mcfg is not None and mcfg.address_oracle:
+        raise GmemError("memory.address_oracle is a training diagnostic whose read needs entity labels generation "
+                        "does not have: set eval.enabled=False and score it teacher-forced with "
+                        "docs/analysis/babi_oracle_address.py")
+
+
 def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, cfg: BackboneConfig, *,
             mem_params: Optional[dict] = None, mcfg: Optional[MemoryConfig] = None, use_memory: bool = True,
             batch_size: int = 8, max_new_tokens: int = 16, desc: str = "eval", show_progress: bool = True
@@ -90,6 +100,8 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
     answer positions of the last segment, in order (what EasyEdit's locality compares between a system and the
     unedited model); 'answer_hits' says which of them equal the targets (the last target is EOS), given only when
     every target was scored."""
+    if mem_params is not None:
+        check_scorable(mcfg)
     eos = getattr(tokenizer, "eos_token_id", None)
     predictions: dict[str, dict] = {}
     starts = range(0, len(examples), batch_size)

@@ -25,14 +25,14 @@ from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.errors import GmemError
 from gmem_jax.training.data import BatchIterator
 from gmem_jax.training.feature_cache import FeatureCache, cached_collate
-from gmem_jax.training.evaluation import compare_systems, predict
+from gmem_jax.training.evaluation import check_scorable, compare_systems, predict
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import (init_train_state, make_eval_step, make_optimizer, make_schedule,
                                    make_train_step, parse_name_factors)
 
 _ARRAY_KEYS = ("tokens", "token_mask", "labels", "loss_mask", "support_mask", "sent_pos", "sent_mask", "sent_label",
-               "scope", "features", "write_features")
+               "scope", "features", "write_features", "entity")
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
@@ -76,6 +76,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     eval_examples = builders.build_examples(config, task, tokenizer, config.task.eval_split, config.task.eval_limit,
                                             config.task.seed)
     builders.check_loss_positions(train_examples, mcfg, "training data")
+    if config.eval.enabled:  # before training, not after it
+        check_scorable(mcfg)
     if main:
         _atomic_write_json(workdir / "config.json", builders.config_to_dict(config))
 
