@@ -6,7 +6,7 @@ script for docs/results.md, not part of the package).
 An address-oracle memory reads by the batch's entity labels, which generation does not have, so `evaluate`
 refuses it. This scores every run the same way instead: one forward_segments pass over each eval example (its
 context written segment by segment, the question read teacher-forced), with the labels in the batch. Per run:
-answer-token accuracy (answer tokens and EOS), first-token accuracy, and "all targets" (every answer token and the
+answer-token accuracy (answer tokens and EOS, per example, then averaged over examples, as `evaluate`), first-token accuracy, and "all targets" (every answer token and the
 EOS right), which is exactly "greedy decoding emits the answer's tokens and then EOS": a token-level exact match,
 at most the normalised em `evaluate` prints (which also accepts, say, different casing). For an oracle run it also
 prints the share of the read, at the answer's first position, that lands in the asked person's slot block.
@@ -48,7 +48,7 @@ def scores(params, mcfg, cfg, frozen, examples, batch_size=8):
         weight = np.take_along_axis(b["loss_mask"][:, -1] > 0, pos, 1)  # loss positions first, in order
         for i in range(len(preds)):
             hit = (preds[i] == labels[i])[weight[i]]
-            hits += hit.tolist()
+            hits.append(hit.mean())  # per example, then averaged: evaluate's answer_token_acc
             firsts.append(hit[0])
             alls.append(hit.all())
         if mcfg.address_oracle:

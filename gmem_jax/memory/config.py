@@ -189,6 +189,8 @@ class MemoryConfig:
       person, would reach: the upper bound of fixing the binding (docs/results.md, "Why binding fails"). It needs
       the labels at evaluation too, so only teacher-forced scoring applies (docs/analysis/babi_oracle_address.py).
     address_oracle_blocks: how many slot blocks address_oracle splits the S slots into (>= 2; block 0 is filler's).
+    address_oracle_read: False: only the write is biased, so the read has to learn to find the asked person's block
+      from the question (does a bound write suffice?).
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
       of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
@@ -245,6 +247,7 @@ class MemoryConfig:
     pointer_support: bool = False
     address_oracle: float = 0.0
     address_oracle_blocks: int = 8
+    address_oracle_read: bool = True
     dtype: str = "float32"
 
     def __post_init__(self):

@@ -394,7 +394,7 @@ class GMemory(nn.Module):
             else:  # match the slots' fixed addresses, [S, nh, d]
                 logits = jnp.einsum("bthd,shd->bths", q, self._split_heads(self.slot_keys))
             logits = logits * (c.address_scale / jnp.sqrt(q.shape[-1])) + bias[:, None, None, :]
-            if c.address_oracle:
+            if c.address_oracle and c.address_oracle_read:
                 logits = logits + self._oracle_bias(entity, write=False)[:, :, None]
         else:
             logits = jnp.einsum("btm,bsm->bts", x.astype(jnp.float32), state) / jnp.sqrt(c.mem_dim) + bias[:, None, :]

@@ -63,6 +63,8 @@ def test_a_labelled_read_looks_in_its_block_and_an_unlabelled_one_is_unbiased():
     unlabelled = np.asarray(entity) < 0
     np.testing.assert_allclose(alpha[unlabelled], plain[unlabelled], rtol=1e-6, atol=1e-7)
     assert np.abs(alpha - plain).max() > 0.1
+    _, write_only = _call(cfg, mcfg.replace(address_oracle_read=False), mem)(state, h, entity, method=GMemory.read)
+    np.testing.assert_array_equal(np.asarray(write_only), plain)  # address_oracle_read=False: an unbiased read
 
 
 def test_forward_segments_and_write_context_pass_the_labels_on():
