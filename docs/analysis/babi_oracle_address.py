@@ -9,7 +9,8 @@ context written segment by segment, the question read teacher-forced), with the 
 answer-token accuracy (answer tokens and EOS, per example, then averaged over examples, as `evaluate`), first-token accuracy, and "all targets" (every answer token and the
 EOS right), which is exactly "greedy decoding emits the answer's tokens and then EOS": a token-level exact match,
 at most the normalised em `evaluate` prints (which also accepts, say, different casing). For an oracle run it also
-prints the share of the read, at the answer's first position, that lands in the asked person's slot block.
+prints the share of the read, at the answer's first position, that lands in the asked person's slot block (with
+memory.address_oracle_read=False the read is not biased there, so this is where it learned to look).
 """
 import sys
 from pathlib import Path
@@ -86,7 +87,9 @@ def main(config_arg, workdirs):
         params, mcfg = load_exported_memory(wd, cfg)
         s = scores(params, mcfg, cfg, frozen, examples)
         block = "" if s["block_read"] is None else f"{s['block_read']:.1f}%"
-        print(f"| {Path(wd).name} | {mcfg.address_oracle or 'off'} | {s['token_acc']:.1f}% | {s['first_acc']:.1f}% | "
+        oracle = (f"{mcfg.address_oracle:g}" + ("" if mcfg.address_oracle_read else ", write only")
+                  if mcfg.address_oracle else "off")
+        print(f"| {Path(wd).name} | {oracle} | {s['token_acc']:.1f}% | {s['first_acc']:.1f}% | "
               f"{s['all_targets']:.1f}% (of {s['n']}) | {block} |", flush=True)
 
 
