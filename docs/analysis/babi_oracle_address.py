@@ -4,13 +4,13 @@ script for docs/results.md, not part of the package).
     PYTHONPATH=. python docs/analysis/babi_oracle_address.py configs/smollm2_babilong.py:1,1024 W [W ...]
 
 An address-oracle memory reads by the batch's entity labels, which generation does not have, so `evaluate`
-refuses it. This scores every run the same way instead: one forward_segments pass over each eval example (its
-context written segment by segment, the question read teacher-forced), with the labels in the batch. Per run:
-answer-token accuracy (answer tokens and EOS, per example, then averaged over examples, as `evaluate`), first-token accuracy, and "all targets" (every answer token and the
-EOS right), which is exactly "greedy decoding emits the answer's tokens and then EOS": a token-level exact match,
-at most the normalised em `evaluate` prints (which also accepts, say, different casing). For an oracle run it also
-prints the share of the read, at the answer's first position, that lands in the asked person's slot block (with
-memory.address_oracle_read=False the read is not biased there, so this is where it learned to look).
+refuses it. This scores every run the way `evaluate` scores teacher-forced (write the context segments, then read
+the question segment on top), with the labels in the batch. Per run: answer-token accuracy (answer tokens and EOS,
+per example, then averaged over examples, as `evaluate`), first-token accuracy, and "all targets" (every answer
+token and the EOS right), which is exactly "greedy decoding emits the answer's tokens and then EOS": a token-level
+exact match, at most the normalised em `evaluate` prints (which also accepts, say, different casing). For an oracle
+run it also prints the share of the read, at the answer's first position, that lands in the asked person's slot
+block (with memory.address_oracle_read=False the read is not biased there, so this is where it learned to look).
 """
 import sys
 from pathlib import Path

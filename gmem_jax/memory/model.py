@@ -184,8 +184,9 @@ def forward_segments(
     write_features [B, N, T, H] (the frozen backbone's hidden states of each segment, `frozen_features`; with
     final injection they do not depend on the memory, so a trainer may compute them once, not at every step),
     sent_pos/sent_mask/sent_label [B, N, Ms] (with
-    sp_head), entity [B, N, T] int (memory.address_oracle). use_memory=False is the ablation "same trainable modules, memory disabled": every segment reads the
-    initial slot bank and nothing is written, so each segment sees only itself.
+    sp_head), entity [B, N, T] int (memory.address_oracle). use_memory=False is the ablation "same trainable
+    modules, memory disabled": every segment reads the initial slot bank and nothing is written, so each segment
+    sees only itself.
     """
     features = batch.get("features")
     if features is not None and mcfg.injection != "final":
@@ -216,10 +217,9 @@ def forward_segments(
                         "supporting-fact labels); build batches with collate or set pointer_support=False")
     # the written tokens the pointer loss may point at: all real ones, or (pointer_support) the supporting facts'
     target = batch["support_mask"].astype(bool) if pointer and mcfg.pointer_support else batch["token_mask"]
-    if mcfg.address_oracle and "entity" not in batch:
-        raise GmemError("memory.address_oracle needs the batch's entity labels (tasks.base.collate makes them from "
-                        "the task's SegmentedExample.entity); build batches with collate or set address_oracle=0")
-    entity = batch["entity"] if mcfg.address_oracle else jnp.zeros((B, N, 0), jnp.int32)
+    # memory.address_oracle's labels; [B, N, 0] stands for none (GMemory refuses an oracle without them)
+    entity = batch.get("entity") if mcfg.address_oracle else None
+    entity = jnp.zeros((B, N, 0), jnp.int32) if entity is None else entity
 
     def seg_step(carry, xs):
         k, tok, msk, lab, lmask, rst, spos, tgt, ent, feat = xs

@@ -145,10 +145,7 @@ def story_entities(facts: Sequence[str], question: str) -> tuple[list[int], int]
     """Entity labels of a qa1-qa3 story (`ENTITY_TASKS`): each fact's person, numbered in order of first
     appearance in the story (0, 1, ...), and the question's, the person it names (-1 if it names none, as qa2's
     "Where is the football?")."""
-    people: list[str] = []
-    for fact in facts:
-        if fact.split()[0] not in people:
-            people.append(fact.split()[0])
+    people = list(dict.fromkeys(f.split()[0] for f in facts))
     named = [people.index(w) for w in re.findall(r"[A-Za-z]+", question) if w in people]
     return [people.index(f.split()[0]) for f in facts], (named[0] if named else -1)
 
