@@ -38,12 +38,16 @@ def scores(params, mcfg, cfg, frozen, examples, batch_size=8):
         state = write_context(p, f, b["tokens"][:, :-1], b["token_mask"][:, :-1], cfg, mcfg, entity=entity)
         last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in b.items()}
         out = forward_segments(p, f, last, cfg, mcfg, state=state)
-        return out.predictions[:, -1], out.positions[:, -1], state
+        alpha = None
+        if mcfg.address_oracle:  # the question's read weights [B, T, S], for the block share
+            h = frozen_features(f, b["tokens"][:, -1], b["token_mask"][:, -1], cfg)["features"]
+            alpha = module.apply({"params": p}, state, h, b["entity"][:, -1], method=GMemory.read)[1]
+        return out.predictions[:, -1], out.positions[:, -1], alpha
 
     hits, firsts, alls, block = [], [], [], []
     for lo in range(0, len(examples), batch_size):
         b = collate(examples[lo:lo + batch_size])
-        preds, pos, state = run(params, frozen, jax.tree.map(jnp.asarray, b))
+        preds, pos, alpha = run(params, frozen, jax.tree.map(jnp.asarray, b))
         preds, pos = np.asarray(preds), np.asarray(pos)
         labels = np.take_along_axis(b["labels"][:, -1], pos, 1)
         weight = np.take_along_axis(b["loss_mask"][:, -1] > 0, pos, 1)  # loss positions first, in order
@@ -52,20 +56,16 @@ def scores(params, mcfg, cfg, frozen, examples, batch_size=8):
             hits.append(hit.mean())  # per example, then averaged: evaluate's answer_token_acc
             firsts.append(hit[0])
             alls.append(hit.all())
-        if mcfg.address_oracle:
-            block += block_share(module, params, state, frozen, b, cfg, mcfg)
+        if alpha is not None:
+            block += block_share(np.asarray(alpha), b, mcfg)
     pct = lambda v: 100.0 * float(np.mean(v))  # noqa: E731
     return dict(token_acc=pct(hits), first_acc=pct(firsts), all_targets=pct(alls), n=len(alls),
                 block_read=pct(block) if block else None)
 
 
-def block_share(module, params, state, frozen, b, cfg, mcfg) -> list:
-    """Per example: the head-averaged read weight, at the answer's first target position, on the slot block of the
-    asked person (memory.address_oracle's block 1 + e mod (blocks - 1))."""
-    f = frozen_features(frozen, jnp.asarray(b["tokens"][:, -1]), jnp.asarray(b["token_mask"][:, -1]), cfg)
-    _, alpha = module.apply({"params": params}, state, f["features"], jnp.asarray(b["entity"][:, -1]),
-                            method=GMemory.read)
-    alpha = np.asarray(alpha)
+def block_share(alpha: np.ndarray, b: dict, mcfg) -> list:
+    """Per example: the head-averaged read weight alpha [B, T, S] at the answer's first target position on the slot
+    block of the asked person (memory.address_oracle's block 1 + e mod (blocks - 1))."""
     nb, S = mcfg.address_oracle_blocks, mcfg.num_slots
     block = np.arange(S) * nb // S
     out = []

@@ -58,8 +58,8 @@ def sentence_units(tokenizer: Any, sentences: Sequence[str], *, keys: Sequence[H
                    labels: Sequence[float] | None = None, slots: Sequence[bool] | None = None,
                    groups: Sequence[int | None] | None = None, entities: Sequence[int] | None = None) -> list[Unit]:
     """Units for sentences (per-sentence keys/labels/slots/groups/entities; defaults None/0.0/True/None/-1), each
-    tokenized on its own as " " + sentence.strip(), in one batched tokenizer call. Empty sentences are dropped (they have
-    no last token to point at)."""
+    tokenized on its own as " " + sentence.strip(), in one batched tokenizer call. Empty sentences are dropped (they
+    have no last token to point at)."""
     n = len(sentences)
     keys = list(keys) if keys is not None else [None] * n
     labels = list(labels) if labels is not None else [0.0] * n

@@ -41,8 +41,9 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def _device_batch(batch: dict, mesh) -> dict:
-    arrays = {k: batch[k] for k in _ARRAY_KEYS if k in batch}
+def _device_batch(batch: dict, mesh, mcfg) -> dict:
+    # the entity labels travel only when memory.address_oracle reads them: no unused host-to-device copy per step
+    arrays = {k: batch[k] for k in _ARRAY_KEYS if k in batch and (k != "entity" or mcfg.address_oracle)}
     return distributed.host_local_batch_to_global(arrays, mesh, sharding.batch_sharding(mesh))
 
 
@@ -107,7 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     with jax.set_mesh(mesh):  # traced under the mesh: activations stay batch-sharded (sharding.constrain_batch)
         state, step, train_seconds = run_steps(
-            state, frozen, train_step, lambda: _device_batch(next(iterator), mesh), start_step=start_step,
+            state, frozen, train_step, lambda: _device_batch(next(iterator), mesh, mcfg), start_step=start_step,
             total_steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every, schedule=schedule,
             monitor=monitor, store=store, lr_option="train.learning_rate",
             extra=lambda: {"data": iterator.state(), "config": builders.config_to_dict(config), **identity})
@@ -226,5 +227,5 @@ def _memory_stats(params, frozen, cfg, mcfg, iterator, mesh, use_memory):
     """Slot usage [S] and per-slot gate openness [S] on one training batch, for the end-of-run plots."""
     probe = BatchIterator(iterator.examples, iterator.global_batch_size, seed=iterator.seed + 1,
                           collate_fn=iterator.collate_fn)
-    out = make_eval_step(cfg, mcfg, use_memory=use_memory)(params, frozen, _device_batch(next(probe), mesh))
+    out = make_eval_step(cfg, mcfg, use_memory=use_memory)(params, frozen, _device_batch(next(probe), mesh, mcfg))
     return np.asarray(out.slot_usage), np.asarray(out.gate_mean)
