@@ -238,8 +238,13 @@ def test_scope_labels_follow_the_kind(shared_data, gpt2_tok):
     np.testing.assert_array_equal(batch["scope"], expect)
     assert "scope" not in collate(examples)
     from gmem_jax.training.sharding import make_mesh
+    from gmem_jax.memory.config import MemoryConfig
     from gmem_jax.training.trainer import _device_batch  # what the train step receives keeps the labels
-    np.testing.assert_array_equal(np.asarray(_device_batch(batch, make_mesh({"data": -1}))["scope"]), expect)
+    device = _device_batch(batch, make_mesh({"data": -1}), MemoryConfig())
+    np.testing.assert_array_equal(np.asarray(device["scope"]), expect)
+    assert "entity" in batch and "entity" not in device  # entity labels travel only when the address oracle reads them
+    device = _device_batch(batch, make_mesh({"data": -1}), MemoryConfig(write_attention="keyed", address_oracle=20.0))
+    np.testing.assert_array_equal(np.asarray(device["entity"]), batch["entity"])
     with pytest.raises(GmemError, match="scope_weight needs training examples"):
         label_scope([ex for ex in examples if ex.meta["kind"] not in ("locality", "mismatched")])
 
