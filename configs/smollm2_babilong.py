@@ -14,7 +14,7 @@ def get_config(arg: str = "1,1024"):
     c.task.update(name="babilong", n_seg=length // seg_len + 2, seg_len=seg_len, max_sents=16, train_split="train",
                   eval_split="test", train_limit=2000, eval_limit=100,
                   kwargs=dict(source="../shared/data/babi/en-10k", tasks=(task_id,), target_tokens=length,
-                              filler="../shared/data/text/wikitext-2/valid.txt"))
+                              filler="../shared/data/text/wikitext-2/valid.txt", entity_ids="story"))
     c.train.update(steps=300, batch_size=4, warmup_steps=30, log_every=10, checkpoint_every=100)
     c.eval.update(batch_size=8, max_new_tokens=4, baselines=True)
     return c

@@ -188,7 +188,15 @@ class MemoryConfig:
       Training with it says what accuracy a write that bound each fact to its person, and a read that asked that
       person, would reach: the upper bound of fixing the binding (docs/results.md, "Why binding fails"). It needs
       the labels at evaluation too, so only teacher-forced scoring applies (docs/analysis/babi_oracle_address.py).
-    address_oracle_blocks: how many slot blocks address_oracle splits the S slots into (>= 2; block 0 is filler's).
+    address_oracle_blocks: how many slot blocks address_oracle (and address_weight) split the S slots into (>= 2;
+      block 0 is filler's).
+    address_weight: keyed write. A supervised address, evaluable without labels: an auxiliary loss of this weight
+      (0: off) pulling each real token's write address into its entity's block (the oracle's blocks: -log of the
+      address mass there, mean over heads and tokens) and each loss position labelled with an entity toward its
+      block in the read (-log of the head-averaged read mass there, mean over such positions). Labels are needed in
+      training only; at evaluation the addresses come from the features alone. The labels must be learnable from
+      the text, so bAbI needs task kwargs entity_ids="name" (one number per name), not "story" (order of
+      appearance). The Memory Networks' supervision of which fact to use, moved to where the facts are filed.
     address_oracle_read: False: only the write is biased, so the read has to learn to find the asked person's block
       from the question (does a bound write suffice?).
     scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
@@ -248,6 +256,7 @@ class MemoryConfig:
     address_oracle: float = 0.0
     address_oracle_blocks: int = 8
     address_oracle_read: bool = True
+    address_weight: float = 0.0
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -297,13 +306,14 @@ class MemoryConfig:
                             "and a value >= 0 (0 turns it off)")
         if self.pointer_support and not self.pointer_weight:
             raise GmemError("memory pointer_support restricts the pointer loss; it needs pointer_weight > 0")
-        if self.address_oracle < 0 or (self.address_oracle and not (
-                self.write_attention == "keyed" and 2 <= self.address_oracle_blocks <= self.num_slots
-                and not (self.read_by_content or self.read_by_write_key))):
-            raise GmemError(f"memory address_oracle={self.address_oracle} needs write_attention='keyed' with the read "
-                            "matching the slot addresses (read_by_content / read_by_write_key off), "
-                            f"2 <= address_oracle_blocks (={self.address_oracle_blocks}) <= num_slots, and a value "
-                            ">= 0 (0 turns it off)")
+        for name in ("address_oracle", "address_weight"):  # both act on the keyed addresses' slot blocks
+            value = getattr(self, name)
+            if value < 0 or (value and not (
+                    self.write_attention == "keyed" and 2 <= self.address_oracle_blocks <= self.num_slots
+                    and not (self.read_by_content or self.read_by_write_key))):
+                raise GmemError(f"memory {name}={value} needs write_attention='keyed' with the read matching the slot "
+                                "addresses (read_by_content / read_by_write_key off), 2 <= address_oracle_blocks "
+                                f"(={self.address_oracle_blocks}) <= num_slots, and a value >= 0 (0 turns it off)")
         if self.pointer_segments < 0:
             raise GmemError(f"memory pointer_segments={self.pointer_segments} must be >= 0 (how many written segments "
                             "the pointer loss looks back into; 0: all of them)")
@@ -354,6 +364,11 @@ class MemoryConfig:
             raise GmemError(f"memory write_layer={self.write_layer} is outside the backbone's 0..{num_layers - 1}")
         if self.injection == "residual" and not 0 <= self.read_layer < num_layers:
             raise GmemError(f"memory read_layer={self.read_layer} is outside the backbone's 0..{num_layers - 1}")
+
+    @property
+    def reads_entity(self) -> bool:
+        """Whether training uses the batch's entity labels (address_oracle, address_weight)."""
+        return bool(self.address_oracle or self.address_weight)
 
     def replace(self, **kw) -> "MemoryConfig":
         return dataclasses.replace(self, **kw)

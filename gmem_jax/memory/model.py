@@ -26,7 +26,7 @@ from gmem_jax.errors import GmemError
 from gmem_jax.backbones import model as backbone
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.memory.config import MemoryConfig
-from gmem_jax.memory.modules import GMemory, masked_mean
+from gmem_jax.memory.modules import GMemory, in_entity_block, masked_mean
 from gmem_jax.training.distributed import host_numpy
 
 EXTRACT_NAME = "memory_extract"
@@ -184,7 +184,7 @@ def forward_segments(
     write_features [B, N, T, H] (the frozen backbone's hidden states of each segment, `frozen_features`; with
     final injection they do not depend on the memory, so a trainer may compute them once, not at every step),
     sent_pos/sent_mask/sent_label [B, N, Ms] (with
-    sp_head), entity [B, N, T] int (memory.address_oracle). use_memory=False is the ablation "same trainable
+    sp_head), entity [B, N, T] int (memory.address_oracle, address_weight). use_memory=False is the ablation "same trainable
     modules, memory disabled": every segment reads the initial slot bank and nothing is written, so each segment
     sees only itself.
     """
@@ -217,8 +217,10 @@ def forward_segments(
                         "supporting-fact labels); build batches with collate or set pointer_support=False")
     # the written tokens the pointer loss may point at: all real ones, or (pointer_support) the supporting facts'
     target = batch["support_mask"].astype(bool) if pointer and mcfg.pointer_support else batch["token_mask"]
-    # memory.address_oracle's labels; [B, N, 0] stands for none (GMemory refuses an oracle without them)
-    entity = batch.get("entity") if mcfg.address_oracle else None
+    # memory.address_oracle's / address_weight's labels; [B, N, 0] stands for none (GMemory refuses an oracle
+    # without them; the address loss is then left out, as at evaluation)
+    entity = batch.get("entity") if mcfg.reads_entity else None
+    address = use_memory and mcfg.address_weight > 0 and entity is not None
     entity = jnp.zeros((B, N, 0), jnp.int32) if entity is None else entity
 
     def seg_step(carry, xs):
@@ -255,11 +257,15 @@ def forward_segments(
             # a question the written segment does not concern (scope label 0) has nothing to point at there
             in_scope = w if "scope" not in batch else w * (batch["scope"] != 0)[:, None]
             ptr, ptr_ys = _pointer_terms(ptr, rst, take_rows(alpha), take(lab), in_scope)
+        if address:  # the read at labelled loss positions, toward the entity's block
+            ys_address = _address_read_terms(take_rows(alpha), take(ent), w, mcfg)
         if use_memory:
-            new_state, z, *prov = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
-                                        False, h_final, pointer, ent)
+            new_state, z, *extra = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
+                                         False, h_final, pointer, ent, address)
             if pointer:  # a segment with no real tokens writes nothing: the last written ones stay
-                ptr = _push_provenance(ptr, prov[0], tok, msk, z, tgt)
+                ptr = _push_provenance(ptr, extra[0], tok, msk, z, tgt)
+            if address:
+                ys_address["addr_write_nll"], ys_address["addr_write_n"] = extra[-1]
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
                                          gate_override, True, h_final, False, ent)
@@ -278,6 +284,8 @@ def forward_segments(
                   mass=take_rows(alpha).sum(-1))
         if pointer:
             ys.update(ptr_ys)
+        if address:
+            ys.update(ys_address)
         if mcfg.scope_weight:  # which read positions the scope loss counts
             ys["has_loss"] = w > 0
         if read_gate is not None:  # memory.token_gate / scope_gate: how much the answer positions let through
@@ -336,6 +344,12 @@ def forward_segments(
         metrics["pointer"] = ys["ptr_nll"].sum() / n_ptr
         metrics["pointer_mass"] = ys["ptr_mass"].sum() / n_ptr
         loss = loss + mcfg.pointer_weight * metrics["pointer"]
+    if address:
+        n_read = jnp.maximum(ys["addr_read_n"].sum(), 1.0)
+        metrics["address_write"] = ys["addr_write_nll"].sum() / jnp.maximum(ys["addr_write_n"].sum(), 1.0)
+        metrics["address_read"] = ys["addr_read_nll"].sum() / n_read
+        metrics["address_read_mass"] = ys["addr_read_mass"].sum() / n_read
+        loss = loss + mcfg.address_weight * (metrics["address_write"] + metrics["address_read"])
     metrics["loss"] = loss
     return SegmentOutputs(
         loss=loss, metrics=metrics, state=final_state,
@@ -383,6 +397,16 @@ def _pointer_terms(ptr: tuple, reset: jax.Array, alpha: jax.Array, labels: jax.A
     terms = dict(ptr_nll=jnp.where(valid, -jnp.log(mass + 1e-6), 0.0).sum(-1), ptr_n=valid.sum(-1).astype(jnp.float32),
                  ptr_mass=jnp.where(valid, mass, 0.0).sum(-1))
     return (prov, ptok, pmask), terms
+
+
+def _address_read_terms(alpha: jax.Array, entity: jax.Array, weight: jax.Array, mcfg: MemoryConfig) -> dict:
+    """memory.address_weight's read terms at a segment's K loss positions: alpha [B, K, S] the head-averaged read
+    weights, entity/weight [B, K]. A position with a loss and an entity label counts -log of its read mass on that
+    entity's slot block. Returns {addr_read_nll, addr_read_n, addr_read_mass: [B]}."""
+    mass = jnp.sum(jnp.where(in_entity_block(entity, mcfg, write=False), alpha, 0.0), -1)  # [B, K]
+    valid = (weight > 0) & (entity >= 0)
+    return dict(addr_read_nll=jnp.where(valid, -jnp.log(mass + 1e-6), 0.0).sum(-1),
+                addr_read_n=valid.sum(-1).astype(jnp.float32), addr_read_mass=jnp.where(valid, mass, 0.0).sum(-1))
 
 
 def frozen_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,

@@ -88,6 +88,16 @@ class _MLPMap(nn.Module):
         return nn.Dense(self.out, dtype=self.dtype, kernel_init=out_init, use_bias=bias, name="out")(x)
 
 
+def in_entity_block(entity: jax.Array, cfg: MemoryConfig, write: bool) -> jax.Array:
+    """Which slots are each token's entity's (memory.address_oracle, address_weight): entity labels [B, T] (-1:
+    none) -> [B, T, S] bool. Slot s is in block s * blocks // S; a token of entity e belongs to block
+    1 + e mod (blocks - 1); on the write side a token of no entity (filler) to block 0, on the read side to none."""
+    nb = cfg.address_oracle_blocks
+    block = jnp.arange(cfg.num_slots) * nb // cfg.num_slots  # [S]
+    target = jnp.where(entity >= 0, 1 + jnp.maximum(entity, 0) % (nb - 1), 0 if write else -1)  # [B, T]
+    return block == target[..., None]
+
+
 class GMemory(nn.Module):
     """The trainable memory. `hidden_size` is the backbone's H."""
 
@@ -221,21 +231,17 @@ class GMemory(nn.Module):
         return y.reshape(y.shape[:-1] + (nh, y.shape[-1] // nh)).astype(jnp.float32)
 
     def _oracle_bias(self, entity: Optional[jax.Array], write: bool) -> jax.Array:
-        """memory.address_oracle's logit bias [B, T, S] from entity labels [B, T] (-1: none): a token of entity e
-        gets it on block 1 + e mod (blocks - 1); on the write side a token of no entity gets it on block 0, on the
-        read side nothing (see MemoryConfig)."""
-        c = self.cfg
+        """memory.address_oracle's logit bias [B, T, S] from entity labels [B, T] (-1: none) on each token's
+        `in_entity_block` slots (see MemoryConfig)."""
         if entity is None:
             raise GmemError("memory address_oracle needs the batch's entity labels (tasks.base.collate makes them "
                             "from the task's SegmentedExample.entity); build batches with collate or set "
                             "address_oracle=0")
-        nb = c.address_oracle_blocks
-        block = jnp.arange(c.num_slots) * nb // c.num_slots  # [S]
-        target = jnp.where(entity >= 0, 1 + jnp.maximum(entity, 0) % (nb - 1), 0 if write else -1)  # [B, T]
-        return c.address_oracle * (block == target[..., None]).astype(jnp.float32)
+        return self.cfg.address_oracle * in_entity_block(entity, self.cfg, write).astype(jnp.float32)
 
     def _slot_competitive_write(self, state: jax.Array, x: jax.Array, mask: jax.Array, content_only: bool = False,
-                                x_key: Optional[jax.Array] = None, entity: Optional[jax.Array] = None):
+                                x_key: Optional[jax.Array] = None, entity: Optional[jax.Array] = None,
+                                address_terms: bool = False):
         """Slots compete for tokens: state [B, S, M], x [B, T, M], mask [B, T] -> (A [B, S, M], strength [B, S],
         the content weights [B, heads, S, T]: how much of what slot s stores (per head) is token t's value, rows
         summing to 1 where the slot won anything, since A_s = W_o(sum_t w_st v_t) + b_o = sum_t w_st (W_o v_t + b_o)).
@@ -255,12 +261,15 @@ class GMemory(nn.Module):
         x_key [B, T, M] (memory.write_key_source="final"): what a token's address and strength come from (else x).
         memory.write_value_shift: token t's address carries token t + 1's value (t's content weights then say how
         much of that value a slot holds), and only tokens followed by a real token offer one.
-        entity [B, T] (memory.address_oracle): the labels whose slot blocks the addresses are biased to."""
+        entity [B, T] (memory.address_oracle): the labels whose slot blocks the addresses are biased to.
+        address_terms (memory.address_weight): also return (sum over real tokens of -log of the address mass on the
+        token's entity's block, mean over heads [B], how many real tokens [B]), else None, as a fourth item."""
         B, S, M = state.shape
         x_key = x if x_key is None else x_key
         if self.cfg.write_value_shift:
             x = jnp.pad(x[:, 1:], ((0, 0), (0, 1), (0, 0)))
             mask = mask * jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+        real = mask > 0  # [B, T] the tokens that offer a value (before the keyed write's strength scales them)
         if self.cfg.write_attention == "keyed":
             keys = self._split_heads(self.slot_keys)  # [S, nh, M/nh], the same for every example
             q = jnp.broadcast_to(keys, (B,) + keys.shape)
@@ -284,6 +293,14 @@ class GMemory(nn.Module):
         logits = jnp.einsum("bshd,bthd->bhst", q, k) * (self.cfg.address_scale / jnp.sqrt(q.shape[-1]))
         if self.cfg.address_oracle:
             logits = logits + jnp.swapaxes(self._oracle_bias(entity, write=True), 1, 2)[:, None]
+        address = None
+        if address_terms:
+            if entity is None:
+                raise GmemError("memory address_weight's write loss needs the batch's entity labels (tasks.base.collate "
+                                "makes them from the task's SegmentedExample.entity)")
+            own = jnp.swapaxes(in_entity_block(entity, self.cfg, write=True), 1, 2)[:, None]  # [B, 1, S, T]
+            block_logp = jax.nn.logsumexp(jnp.where(own, jax.nn.log_softmax(logits, axis=2), -jnp.inf), axis=2)
+            address = (-(block_logp.mean(1) * real).sum(-1), real.sum(-1).astype(jnp.float32))
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:
             share = jax.lax.stop_gradient(share)
@@ -310,11 +327,11 @@ class GMemory(nn.Module):
         if self.cfg.read_by_write_key:  # each head's first half stores the write keys of what the slot won
             stored_key = jnp.einsum("bhst,bthd->bshd", content_weights, k)[..., : k.shape[-1] // 2]
             a = jnp.concatenate([stored_key, self._split_heads(a)[..., k.shape[-1] // 2:]], -1).reshape(B, S, M)
-        return a, strength.mean(1), content_weights
+        return a, strength.mean(1), content_weights, address
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
               content_only: bool = False, final_h: Optional[jax.Array] = None, provenance: bool = False,
-              entity: Optional[jax.Array] = None):
+              entity: Optional[jax.Array] = None, address_terms: bool = False):
         """Consolidate a segment into memory.
 
         state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]),
@@ -329,10 +346,14 @@ class GMemory(nn.Module):
         stored (values, output map, GRU candidate, the encoder through them).
         final_h [B, T, H]: the segment's final hidden states, pooled into the summary row (memory.scope_gate) and
         the source of the write keys (memory.write_key_source="final"). entity [B, T]: memory.address_oracle's labels.
+        address_terms (memory.address_weight; keyed write): a last item, the write's address loss terms from entity
+        (see `_slot_competitive_write`).
         """
         c = self.cfg
         if provenance and (c.write_attention != "keyed" or c.gate != "update"):
             raise GmemError("memory write provenance needs write_attention='keyed' and gate='update'")
+        if address_terms and c.write_attention != "keyed":
+            raise GmemError("memory address_weight's write loss needs write_attention='keyed'")
         state, summary = self.split_summary(state)
         if summary is not None and final_h is None:
             raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass final_h=")
@@ -347,7 +368,8 @@ class GMemory(nn.Module):
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
             strength = None
         else:
-            a, strength, content_weights = self._slot_competitive_write(state, x, mask, content_only, x_key, entity)
+            a, strength, content_weights, address = self._slot_competitive_write(state, x, mask, content_only, x_key,
+                                                                                 entity, address_terms)
         gates = jax.nn.sigmoid(self.gate(jnp.concatenate([state, a], -1).astype(c.dtype)).astype(jnp.float32))
         if content_only:
             gates = jax.lax.stop_gradient(gates)
@@ -366,12 +388,13 @@ class GMemory(nn.Module):
         if summary is not None:  # a segment with no real tokens adds nothing (front padding)
             add = jnp.where(jnp.any(mask, -1)[:, None], self.scope_vector(final_h, mask), 0.0)
             new = jnp.concatenate([new, (summary + add)[:, None]], 1)
+        out = (new, z)
         if provenance:
             prov = z.mean(-1)[..., None] * content_weights.mean(1)  # [B, S, T] over the token offering the address
             if c.write_value_shift:  # ... whose value is the next token's: index by the token whose value it is
                 prov = jnp.pad(prov[..., :-1], ((0, 0), (0, 0), (1, 0)))
-            return new, z, prov
-        return new, z
+            out += (prov,)
+        return out + (address,) if address_terms else out
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
     def _read_weights(self, state: jax.Array, h: jax.Array,

@@ -31,6 +31,10 @@ from gmem_jax.tasks.tokenizers import encode_batch
 #: Tasks whose facts each start with the person they are about ("Mary went to the hallway.", "John got the milk
 #: there."): these label tokens with SegmentedExample.entity (`story_entities`); qa4's facts start with "The".
 ENTITY_TASKS = (1, 2, 3)
+#: The people of bAbI qa1-qa3 (en and en-10k), for entity_ids="name": one fixed number per name, so a model can learn
+#: the label from the name itself (a number by order of appearance needs the story so far).
+PEOPLE = ("Daniel", "John", "Mary", "Sandra")
+ENTITY_IDS = ("story", "name")
 SPLIT_ALIASES = {"train": "train", "test": "test", "dev": "test", "validation": "test"}  # bAbI has no dev split
 HUB_ID = "facebook/babi_qa"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
@@ -141,13 +145,14 @@ def filler_token_ids(path: str | Path, tokenizer: Any) -> list[list[int]]:
     return per_file[key]
 
 
-def story_entities(facts: Sequence[str], question: str) -> tuple[list[int], int]:
-    """Entity labels of a qa1-qa3 story (`ENTITY_TASKS`): each fact's person, numbered in order of first
-    appearance in the story (0, 1, ...), and the question's, the person it names (-1 if it names none, as qa2's
-    "Where is the football?")."""
+def story_entities(facts: Sequence[str], question: str, ids: str = "story") -> tuple[list[int], int]:
+    """Entity labels of a qa1-qa3 story (`ENTITY_TASKS`): each fact's person and the question's, the person it
+    names (-1 if it names none, as qa2's "Where is the football?"). ids="story": people numbered in order of first
+    appearance in the story (0, 1, ...); ids="name": each name's index in PEOPLE (-1 for a name not in it)."""
     people = list(dict.fromkeys(f.split()[0] for f in facts))
-    named = [people.index(w) for w in re.findall(r"[A-Za-z]+", question) if w in people]
-    return [people.index(f.split()[0]) for f in facts], (named[0] if named else -1)
+    number = people.index if ids == "story" else (lambda w: PEOPLE.index(w) if w in PEOPLE else -1)
+    named = [number(w) for w in re.findall(r"[A-Za-z]+", question) if w in people]
+    return [number(f.split()[0]) for f in facts], (named[0] if named else -1)
 
 
 class BabiTask(Task):
@@ -155,16 +160,20 @@ class BabiTask(Task):
 
     source: a folder of bAbI files, a hub id ('facebook/babi_qa', config `hub_config.format(task=N)`), or a
     {task number: iterable of hub-layout story records} mapping. Splits: 'train', 'test' ('dev' = 'test').
+    entity_ids: how qa1-qa3 number the people in SegmentedExample.entity, "story" or "name" (`story_entities`).
     """
 
     name = "babi"
 
     def __init__(self, source: Any, *, tasks: Sequence[int] = (1, 2, 3, 4, 5), target_tokens: int | None = None,
                  filler: str | Path | None = None, hub_config: str = "en-10k-qa{task}", layout: str = "memory",
-                 window: int | None = None, overflow: str = "drop_oldest"):
+                 window: int | None = None, overflow: str = "drop_oldest", entity_ids: str = "story"):
         super().__init__(layout=layout, window=window, overflow=overflow)
         if not tasks:
             raise GmemError("babi: tasks is empty; pass task numbers such as (1, 2, 3, 4, 5)")
+        if entity_ids not in ENTITY_IDS:
+            raise GmemError(f"babi: entity_ids={entity_ids!r} unknown; choose one of {ENTITY_IDS} (see story_entities)")
+        self.entity_ids = entity_ids
         if target_tokens is not None and (target_tokens <= 0 or filler is None):
             raise GmemError(f"babi: target_tokens={target_tokens} needs a positive length and filler=PATH "
                             "(a text file, e.g. WikiText-2 valid.txt)")
@@ -198,7 +207,7 @@ class BabiTask(Task):
         out = []
         for task in self.tasks:
             for qi, q in enumerate(self.questions(split, task)[:limit]):
-                entities, asked = (story_entities([t for _, t in q.facts], q.question) if task in ENTITY_TASKS
+                entities, asked = (story_entities([t for _, t in q.facts], q.question, self.entity_ids) if task in ENTITY_TASKS
                                    else (None, -1))
                 facts = sentence_units(tokenizer, [t for _, t in q.facts],
                                        keys=[(f"qa{task}", lid) for lid, _ in q.facts],

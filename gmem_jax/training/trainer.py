@@ -42,8 +42,8 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _device_batch(batch: dict, mesh, mcfg) -> dict:
-    # the entity labels travel only when memory.address_oracle reads them: no unused host-to-device copy per step
-    arrays = {k: batch[k] for k in _ARRAY_KEYS if k in batch and (k != "entity" or mcfg.address_oracle)}
+    # the entity labels travel only when the memory reads them: no unused host-to-device copy per step
+    arrays = {k: batch[k] for k in _ARRAY_KEYS if k in batch and (k != "entity" or mcfg.reads_entity)}
     return distributed.host_local_batch_to_global(arrays, mesh, sharding.batch_sharding(mesh))
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.tasks.babi import (BabiTask, babi_file, normalize_babi_stories, parse_babi, read_filler,
+from gmem_jax.tasks.babi import (PEOPLE, BabiTask, babi_file, normalize_babi_stories, parse_babi, read_filler,
                                  story_entities)
 
 
@@ -129,23 +129,31 @@ def test_story_entities_number_people_by_first_appearance():
     facts = ["Mary moved to the bathroom.", "John went to the hallway.", "Mary got the milk there."]
     assert story_entities(facts, "Where is John?") == ([0, 1, 0], 1)
     assert story_entities(facts, "Where is the milk?") == ([0, 1, 0], -1)  # qa2 asks about an object
+    # ids="name": the index in PEOPLE = (Daniel, John, Mary, Sandra), whatever the order; a stranger -1
+    assert story_entities(facts, "Where is John?", "name") == ([2, 1, 2], 1)
+    assert story_entities(["Bob went to the garden."] + facts, "Where is Bob?", "name") == ([-1, 2, 1, 2], -1)
+    with pytest.raises(GmemError, match="entity_ids='person' unknown"):
+        BabiTask("x", entity_ids="person")
 
 
-@pytest.mark.parametrize("layout", ["memory", "prompt"])
+@pytest.mark.parametrize("layout,ids", [("memory", "story"), ("prompt", "story"), ("memory", "name")])
 def test_entity_labels_mark_each_fact_by_its_person_and_the_question_by_the_one_asked(shared_data, babi_dir,
-                                                                                      gpt2_tok, layout):
-    """Every token of a fact carries its person's number (order of first appearance), filler and the separator -1,
-    the prompt and the answer the asked person's number; qa2's questions name no person: -1."""
+                                                                                      gpt2_tok, layout, ids):
+    """Every token of a fact carries its person's number (order of first appearance, or the name's index in PEOPLE),
+    filler and the separator -1, the prompt and the answer the asked person's number; qa2's questions name no
+    person: -1."""
     filler = shared_data / "text" / "wikitext-2" / "valid.txt"
     task = BabiTask(babi_dir, tasks=(1, 2), target_tokens=256, filler=filler, layout=layout,
-                    window=None if layout == "memory" else 200)
+                    window=None if layout == "memory" else 200, entity_ids=ids)
     exs = task.examples("test", gpt2_tok, n_seg=5, seg_len=256, max_sents=16, seed=3, limit=3)
     for ex in exs:
         q = [q for q in parse_babi(babi_file(babi_dir, ex.meta["babi_task"], "test").read_text().splitlines(),
                                    task=ex.meta["babi_task"])
              if ex.meta["id"] == f"qa{q.task}-test-{q.story}-{q.line}"][0]
         people = list(dict.fromkeys(t.split()[0] for _, t in q.facts))
-        asked = [people.index(w) for w in q.question.rstrip("?").split() if w in people]
+        number = people.index if ids == "story" else PEOPLE.index
+        assert ids == "story" or set(people) <= set(PEOPLE)
+        asked = [number(w) for w in q.question.rstrip("?").split() if w in people]
         last, plen = ex.entity[-1], ex.prompt_len
         n_last = int(ex.token_mask[-1].sum())
         want_q = asked[0] if q.task == 1 else -1
@@ -156,8 +164,8 @@ def test_entity_labels_mark_each_fact_by_its_person_and_the_question_by_the_one_
         # the context tokens of each person, decoded, are exactly that person's facts (filler between them: -1)
         context = [(s, t) for s in range(ex.tokens.shape[0]) for t in range(ex.tokens.shape[1])
                    if ex.token_mask[s, t] and not (s == ex.tokens.shape[0] - 1 and t >= context_len)]
-        for p, name in enumerate(people):
-            text = gpt2_tok.decode([ex.tokens[s, t] for s, t in context if ex.entity[s, t] == p])
+        for name in people:
+            text = gpt2_tok.decode([ex.tokens[s, t] for s, t in context if ex.entity[s, t] == number(name)])
             facts = "".join(" " + t for _, t in q.facts if t.split()[0] == name)
             assert text == facts if layout == "memory" else facts.endswith(text)
         assert layout == "prompt" or ex.meta["dropped_tokens"] == 0
