@@ -1,7 +1,8 @@
 """Teacher-forced bAbI scores of trained memories, including ones trained with memory.address_oracle (an analysis
 script for docs/results.md, not part of the package).
 
-    PYTHONPATH=. python docs/analysis/babi_oracle_address.py configs/smollm2_babilong.py:1,1024 W [W ...]
+    PYTHONPATH=. python docs/analysis/babi_oracle_address.py [--entity_ids=name] \
+        configs/smollm2_babilong.py:1,1024 W [W ...]
 
 An address-oracle memory reads by the batch's entity labels, which generation does not have, so `evaluate`
 refuses it. This scores every run the way `evaluate` scores teacher-forced (write the context segments, then read
@@ -10,7 +11,9 @@ per example, then averaged over examples, as `evaluate`), first-token accuracy, 
 token and the EOS right), which is exactly "greedy decoding emits the answer's tokens and then EOS": a token-level
 exact match, at most the normalised em `evaluate` prints (which also accepts, say, different casing). For an oracle
 run it also prints the share of the read, at the answer's first position, that lands in the asked person's slot
-block (with memory.address_oracle_read=False the read is not biased there, so this is where it learned to look).
+block (with memory.address_oracle_read=False the read is not biased there, so this is where it learned to look),
+and the same for a run trained with memory.address_weight, whose read is never biased: pass the entity numbering
+it was trained with (--entity_ids=name; the config's default is "story").
 """
 import sys
 from pathlib import Path
@@ -28,7 +31,8 @@ from gmem_jax.training.checkpoint import load_exported_memory
 
 
 def scores(params, mcfg, cfg, frozen, examples, batch_size=8):
-    """{token_acc, first_acc, all_targets, block_read (oracle runs; else None)} in %, over the examples."""
+    """{token_acc, first_acc, all_targets, block_read (oracle and address_weight runs; else None)} in %, over the
+    examples."""
     module = memory_module(cfg, mcfg)
 
     @jax.jit
@@ -39,7 +43,7 @@ def scores(params, mcfg, cfg, frozen, examples, batch_size=8):
         last = {k: v[:, -1:] if v.ndim >= 2 else v for k, v in b.items()}
         out = forward_segments(p, f, last, cfg, mcfg, state=state)
         alpha = None
-        if mcfg.address_oracle:  # the question's read weights [B, T, S], for the block share
+        if mcfg.reads_entity:  # the question's read weights [B, T, S], for the block share
             h = frozen_features(f, b["tokens"][:, -1], b["token_mask"][:, -1], cfg)["features"]
             alpha = module.apply({"params": p}, state, h, b["entity"][:, -1], method=GMemory.read)[1]
         return out.predictions[:, -1], out.positions[:, -1], alpha
@@ -77,8 +81,12 @@ def block_share(alpha: np.ndarray, b: dict, mcfg) -> list:
     return out
 
 
-def main(config_arg, workdirs):
+def main(args):
+    entity_ids = [a.split("=", 1)[1] for a in args if a.startswith("--entity_ids=")]
+    config_arg, *workdirs = [a for a in args if not a.startswith("--entity_ids=")]
     config = load_config(config_arg)
+    if entity_ids:
+        config.task.kwargs.entity_ids = entity_ids[0]
     _, _, cfg, frozen, examples = builders.eval_setup(config)
     print("| run | address oracle | answer-token acc | first-token acc | all targets (token-level em) | read on the "
           "asked person's block |")
@@ -88,10 +96,11 @@ def main(config_arg, workdirs):
         s = scores(params, mcfg, cfg, frozen, examples)
         block = "" if s["block_read"] is None else f"{s['block_read']:.1f}%"
         oracle = (f"{mcfg.address_oracle:g}" + ("" if mcfg.address_oracle_read else ", write only")
-                  if mcfg.address_oracle else "off")
+                  if mcfg.address_oracle else "off") + (f"; address loss {mcfg.address_weight:g}"
+                                                        if mcfg.address_weight else "")
         print(f"| {Path(wd).name} | {oracle} | {s['token_acc']:.1f}% | {s['first_acc']:.1f}% | "
               f"{s['all_targets']:.1f}% (of {s['n']}) | {block} |", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(sys.argv[1:])

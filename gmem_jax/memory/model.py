@@ -183,10 +183,9 @@ def forward_segments(
     the question concerns what was written / does not / unknown), features [B, N, T, H] and, with write_layer >= 0,
     write_features [B, N, T, H] (the frozen backbone's hidden states of each segment, `frozen_features`; with
     final injection they do not depend on the memory, so a trainer may compute them once, not at every step),
-    sent_pos/sent_mask/sent_label [B, N, Ms] (with
-    sp_head), entity [B, N, T] int (memory.address_oracle, address_weight). use_memory=False is the ablation "same trainable
-    modules, memory disabled": every segment reads the initial slot bank and nothing is written, so each segment
-    sees only itself.
+    sent_pos/sent_mask/sent_label [B, N, Ms] (with sp_head), entity [B, N, T] int (memory.address_oracle,
+    address_weight). use_memory=False is the ablation "same trainable modules, memory disabled": every segment
+    reads the initial slot bank and nothing is written, so each segment sees only itself.
     """
     features = batch.get("features")
     if features is not None and mcfg.injection != "final":

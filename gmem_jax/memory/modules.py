@@ -296,8 +296,8 @@ class GMemory(nn.Module):
         address = None
         if address_terms:
             if entity is None:
-                raise GmemError("memory address_weight's write loss needs the batch's entity labels (tasks.base.collate "
-                                "makes them from the task's SegmentedExample.entity)")
+                raise GmemError("memory address_weight's write loss needs the batch's entity labels "
+                                "(tasks.base.collate makes them from the task's SegmentedExample.entity)")
             own = jnp.swapaxes(in_entity_block(entity, self.cfg, write=True), 1, 2)[:, None]  # [B, 1, S, T]
             block_logp = jax.nn.logsumexp(jnp.where(own, jax.nn.log_softmax(logits, axis=2), -jnp.inf), axis=2)
             address = (-(block_logp.mean(1) * real).sum(-1), real.sum(-1).astype(jnp.float32))

@@ -207,8 +207,8 @@ class BabiTask(Task):
         out = []
         for task in self.tasks:
             for qi, q in enumerate(self.questions(split, task)[:limit]):
-                entities, asked = (story_entities([t for _, t in q.facts], q.question, self.entity_ids) if task in ENTITY_TASKS
-                                   else (None, -1))
+                entities, asked = (story_entities([t for _, t in q.facts], q.question, self.entity_ids)
+                                   if task in ENTITY_TASKS else (None, -1))
                 facts = sentence_units(tokenizer, [t for _, t in q.facts],
                                        keys=[(f"qa{task}", lid) for lid, _ in q.facts],
                                        labels=[float(lid in q.supporting) for lid, _ in q.facts], entities=entities)
