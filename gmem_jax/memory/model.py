@@ -224,7 +224,7 @@ def forward_segments(
 
     def seg_step(carry, xs):
         k, tok, msk, lab, lmask, rst, spos, tgt, ent, feat = xs
-        ent = ent if ent.shape[-1] else None  # [B, T] memory.address_oracle's labels, else None
+        ent = ent if ent.shape[-1] else None  # [B, T] the entity labels the memory reads, else None
         state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry[:2])
         ptr = carry[2]
         detach = _later_targets(lmask, mcfg.read_grad_targets)

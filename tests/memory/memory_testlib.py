@@ -4,7 +4,7 @@ import numpy as np
 
 from gmem_jax.backbones import BackboneConfig, init_params
 from gmem_jax.memory.config import MemoryConfig
-from gmem_jax.memory.model import init_memory
+from gmem_jax.memory.model import init_memory, memory_module
 
 
 def tiny_backbone(arch="llama", **kw):
@@ -37,3 +37,8 @@ def perturbed_memory(cfg, mcfg, seed=1, scale=0.3):
 
 def small_memory(injection="final", **kw):
     return MemoryConfig(**{**dict(num_slots=8, mem_dim=16, num_heads=2, injection=injection, read_layer=1), **kw})
+
+
+def module_call(cfg, mcfg, mem):
+    """GMemory's methods on params `mem`: module_call(...)(*args, method=GMemory.write)."""
+    return lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731

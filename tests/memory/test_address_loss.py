@@ -9,10 +9,10 @@ import optax
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.memory.model import forward_segments, frozen_features, init_memory, initial_state, memory_module
+from gmem_jax.memory.model import forward_segments, frozen_features, init_memory, initial_state
 from gmem_jax.memory.modules import GMemory
 
-from memory_testlib import random_batch, small_memory, tiny_backbone
+from memory_testlib import module_call, random_batch, small_memory, tiny_backbone
 
 BLOCK = np.arange(8) * 4 // 8  # 8 slots in 4 blocks of 2: block of slot s
 
@@ -20,10 +20,6 @@ BLOCK = np.arange(8) * 4 // 8  # 8 slots in 4 blocks of 2: block of slot s
 def _supervised(**kw):
     return small_memory("final", **{**dict(write_attention="keyed", write_key_window=2, address_weight=0.5,
                                            address_oracle_blocks=4), **kw})
-
-
-def _call(cfg, mcfg, mem):
-    return lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
 
 
 def _log_softmax(x):
@@ -63,7 +59,7 @@ def test_write_terms_match_a_numpy_recomputation(value_shift):
     mcfg = _supervised(write_value_shift=value_shift, address_scale=3.0)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
     mem = {**mem, "write_key_mix": jax.random.normal(jax.random.PRNGKey(4), mem["write_key_mix"].shape)}
-    call = _call(cfg, mcfg, mem)
+    call = module_call(cfg, mcfg, mem)
     h = jax.random.normal(jax.random.PRNGKey(2), (3, 5, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (3, 8, mcfg.mem_dim))
     mask = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
@@ -97,7 +93,7 @@ def test_forward_segments_adds_both_terms_recomputed_segment_by_segment():
     jb = dict(jax.tree.map(jnp.asarray, b), **{k: jnp.stack([f[k] for f in feats], 1)
                                                for k in ("features", "write_features")})
     out = forward_segments(mem, frozen, jb, cfg, mcfg)
-    call = _call(cfg, mcfg, mem)
+    call = module_call(cfg, mcfg, mem)
     state = initial_state(mem, cfg, mcfg, 2)
     w_nll = w_n = r_nll = r_n = 0.0
     for n in range(2):
@@ -139,7 +135,7 @@ def test_the_loss_teaches_addresses_that_need_no_labels():
 
     def terms(params, h, entity):
         """(the write's mean address nll, each token's read mass on its block [B, T], which tokens have an entity)"""
-        call = _call(cfg, mcfg, params)
+        call = module_call(cfg, mcfg, params)
         state = initial_state(params, cfg, mcfg, h.shape[0])
         _, _, (nll, count) = call(state, h, jnp.ones(h.shape[:2], bool), None, False, None, False, entity, True,
                                   method=GMemory.write)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.memory.model import forward_segments, frozen_features, init_memory, memory_module, write_context
+from gmem_jax.memory.model import forward_segments, frozen_features, init_memory, write_context
 from gmem_jax.memory.modules import GMemory
 from gmem_jax.training.evaluation import check_scorable
 
-from memory_testlib import random_batch, small_memory, tiny_backbone
+from memory_testlib import module_call, random_batch, small_memory, tiny_backbone
 
 BLOCK = np.arange(8) * 4 // 8  # 8 slots in 4 blocks of 2: block of slot s
 
@@ -21,10 +21,6 @@ def _oracle(**kw):
                                            address_oracle_blocks=4), **kw})
 
 
-def _call(cfg, mcfg, mem):
-    return lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
-
-
 def test_the_write_changes_only_the_entitys_block_and_filler_goes_to_block_zero():
     """Gate forced open: a segment whose real tokens are all entity e rewrites block 1 + e mod 3 and leaves every other
     slot bit-for-bit as it was (to float precision); unlabelled tokens land in block 0; without the bias the same
@@ -32,7 +28,7 @@ def test_the_write_changes_only_the_entitys_block_and_filler_goes_to_block_zero(
     cfg, _ = tiny_backbone("llama")
     mcfg = _oracle()
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
-    call = _call(cfg, mcfg, mem)
+    call = module_call(cfg, mcfg, mem)
     h = jax.random.normal(jax.random.PRNGKey(2), (3, 5, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (3, 8, mcfg.mem_dim))
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], bool)
@@ -42,7 +38,7 @@ def test_the_write_changes_only_the_entitys_block_and_filler_goes_to_block_zero(
     np.testing.assert_array_equal(changed[0], BLOCK == 1 + 4 % 3)
     np.testing.assert_array_equal(changed[1], BLOCK == 0)
     np.testing.assert_array_equal(changed[2], (BLOCK == 1) | (BLOCK == 3))  # two people in one segment
-    free, _ = _call(cfg, mcfg.replace(address_oracle=0.0), mem)(state, h, mask, 1.0, method=GMemory.write)
+    free, _ = module_call(cfg, mcfg.replace(address_oracle=0.0), mem)(state, h, mask, 1.0, method=GMemory.write)
     assert (np.abs(np.asarray(free) - np.asarray(state)).max(-1) > 1e-4).all()
     with pytest.raises(GmemError, match="address_oracle needs the batch's entity labels"):
         call(state, h, mask, 1.0, method=GMemory.write)
@@ -55,15 +51,15 @@ def test_a_labelled_read_looks_in_its_block_and_an_unlabelled_one_is_unbiased():
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 4, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (2, 8, mcfg.mem_dim))
     entity = jnp.array([[0, 1, -1, 5], [-1, -1, 2, 2]], jnp.int32)
-    _, alpha = _call(cfg, mcfg, mem)(state, h, entity, method=GMemory.read)  # [B, T, S]
-    _, plain = _call(cfg, mcfg.replace(address_oracle=0.0), mem)(state, h, method=GMemory.read)
+    _, alpha = module_call(cfg, mcfg, mem)(state, h, entity, method=GMemory.read)  # [B, T, S]
+    _, plain = module_call(cfg, mcfg.replace(address_oracle=0.0), mem)(state, h, method=GMemory.read)
     alpha, plain = np.asarray(alpha), np.asarray(plain)
     for b, t in zip(*np.nonzero(np.asarray(entity) >= 0)):
         assert alpha[b, t][BLOCK == 1 + int(entity[b, t]) % 3].sum() > 0.999
     unlabelled = np.asarray(entity) < 0
     np.testing.assert_allclose(alpha[unlabelled], plain[unlabelled], rtol=1e-6, atol=1e-7)
     assert np.abs(alpha - plain).max() > 0.1
-    _, write_only = _call(cfg, mcfg.replace(address_oracle_read=False), mem)(state, h, entity, method=GMemory.read)
+    _, write_only = module_call(cfg, mcfg.replace(address_oracle_read=False), mem)(state, h, entity, method=GMemory.read)
     np.testing.assert_array_equal(np.asarray(write_only), plain)  # address_oracle_read=False: an unbiased read
 
 

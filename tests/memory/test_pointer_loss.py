@@ -6,18 +6,14 @@ import numpy as np
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.memory.model import forward_segments, frozen_features, init_memory, memory_module
+from gmem_jax.memory.model import forward_segments, frozen_features, init_memory
 from gmem_jax.memory.modules import GMemory
 
-from memory_testlib import random_batch, small_memory, tiny_backbone
+from memory_testlib import module_call, random_batch, small_memory, tiny_backbone
 
 
 def _keyed(**kw):
     return small_memory("final", write_attention="keyed", write_key_window=3, write_recency=2.0, **kw)
-
-
-def _call(cfg, mcfg, mem):
-    return lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
 
 
 @pytest.mark.parametrize("top_k", [0, 2])
@@ -27,7 +23,7 @@ def test_provenance_decomposes_one_head_write_exactly(top_k):
     cfg, _ = tiny_backbone("llama")
     mcfg = _keyed(num_heads=1, write_top_k=top_k)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
-    call = _call(cfg, mcfg, mem)
+    call = module_call(cfg, mcfg, mem)
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (2, mcfg.num_slots, mcfg.mem_dim))
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
@@ -80,7 +76,7 @@ def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
     cfg, frozen = tiny_backbone("llama")
     mcfg = _keyed(pointer_weight=0.5, write_layer=1, **variant)
     mem = init_memory(jax.random.PRNGKey(1), cfg, mcfg)
-    call = _call(cfg, mcfg, mem)
+    call = module_call(cfg, mcfg, mem)
     b = _copy_batch(cfg, N=4)
     lookback = mcfg.pointer_segments or 4
     b["reset"] = np.zeros((3, 4), bool)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.memory.model import init_memory, memory_module
+from gmem_jax.memory.model import init_memory
 from gmem_jax.memory.modules import GMemory
 
-from memory_testlib import small_memory, tiny_backbone
+from memory_testlib import module_call, small_memory, tiny_backbone
 
 
 def _setup(gate="update", write_attention="slots", **kw):
@@ -21,7 +21,7 @@ def _setup(gate="update", write_attention="slots", **kw):
         mem = {**mem, "write_key_mix": jax.random.normal(jax.random.PRNGKey(4), mem["write_key_mix"].shape)}
     if mcfg.write_key_select:  # and a query that picks, not the 0 it starts at
         mem = {**mem, "write_key_query": 3 * jax.random.normal(jax.random.PRNGKey(5), mem["write_key_query"].shape)}
-    call = lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
+    call = module_call(cfg, mcfg, mem)
     h = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
     state = jax.random.normal(jax.random.PRNGKey(3), (2, mcfg.num_slots, mcfg.mem_dim))
     return mcfg, mem, call, h, state
