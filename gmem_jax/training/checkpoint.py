@@ -64,6 +64,11 @@ class CheckpointStore:
             cleanup_tmp_directories=True,  # delete half-written steps left by a crash
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        # orbax removes those in a background thread started here; a run that stops at once (a refused checkpoint)
+        # would exit while it runs, and the thread's shutdown error would follow the one-line error on stderr
+        settle = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)  # private: absent in some orbax
+        if settle is not None:
+            settle()
 
     def save(self, step: int, train_state: Any, extra: dict) -> bool:
         """Start saving (returns once device arrays are copied; the write finishes in the background). Every
