@@ -299,7 +299,9 @@ class GMemory(nn.Module):
                 raise GmemError("memory address_weight's write loss needs the batch's entity labels "
                                 "(tasks.base.collate makes them from the task's SegmentedExample.entity)")
             own = jnp.swapaxes(in_entity_block(entity, self.cfg, write=True), 1, 2)[:, None]  # [B, 1, S, T]
-            block_logp = jax.nn.logsumexp(jnp.where(own, jax.nn.log_softmax(logits, axis=2), -jnp.inf), axis=2)
+            # log of the softmax mass on the block, without materialising the log-softmax over every slot
+            block_logp = (jax.nn.logsumexp(jnp.where(own, logits, -jnp.inf), axis=2)
+                          - jax.nn.logsumexp(logits, axis=2))  # [B, nh, T]
             address = (-(block_logp.mean(1) * real).sum(-1), real.sum(-1).astype(jnp.float32))
         share = jax.nn.softmax(logits, axis=2) * mask[:, None, None, :]  # [B, nh, S, T]; padding wins nothing
         if content_only:
