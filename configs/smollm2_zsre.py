@@ -22,6 +22,8 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
                             write"): addresses from the final hidden states, each storing the next token's
                             embedding-layer value (write_key_source="final", write_value_shift=1, write_layer=0),
                             and an update gate that starts open (gate_bias=2.0).
+                            900 steps as set here; --config.train.steps=1800 gave our best ZsRE result
+                            (docs/results.md, "Twice the budget, and 16 slots").
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
 """
