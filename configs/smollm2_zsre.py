@@ -25,7 +25,8 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
                             900 steps as set here; --config.train.steps=1800 gave our best ZsRE result
                             (docs/results.md, "Twice the budget, and 16 slots").
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
---config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False.
+--config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False (with a scoped
+recipe's gate, which stays shut while nothing is written, that is the frozen model).
 """
 from gmem_jax.configs_base import smollm2_config
 
