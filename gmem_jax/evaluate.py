@@ -6,7 +6,8 @@
         no_memory   the same trainable modules trained with memory disabled (from --baseline_workdir, a run of
                     the same config with --config.train.use_memory=False)
         frozen      the frozen backbone alone, question only
-        in_prompt   the frozen backbone with as much context as fits in its prompt (last segment)
+        in_prompt   the frozen backbone with as much context as fits in its prompt (last segment); skipped
+                    with --config.eval.baselines=False (the frozen column stays: locality is judged against it)
       writes eval_results.json and results.md (a Markdown table) to OUT (default DIR). --reliance_only: only
       probe whether the memory is relied on (answer-token accuracy reading its own / another example's / the empty
       memory; per example kind on ZsRE, with locality as agreement with the frozen model) and write

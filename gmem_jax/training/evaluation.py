@@ -269,20 +269,22 @@ def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained:
 
     task_for_layout(layout) -> Task; trained: {system name: (memory params, MemoryConfig, use_memory)} for the
     trained systems ("memory", "no_memory"); the frozen backbone is always scored on the question alone
-    ("frozen") and with as much context as fits in its prompt ("in_prompt"). Locality (ZsRE) is judged against
-    the frozen model's own answers. Returns {"results": {system: metrics}, "seconds": {...}, "examples": n}.
+    ("frozen": ZsRE's locality is judged against its answers) and, when config.eval.baselines, with as much
+    context as fits in its prompt ("in_prompt"; an ablation sweep can skip it). Returns {"results": {system:
+    metrics}, "seconds": {...}, "examples": n}.
     """
     import time
 
     from gmem_jax.training import builders
 
     split, limit, seed = config.task.eval_split, config.task.eval_limit, config.task.seed
-    layouts = ("memory", "none", "prompt")
+    runs = {"frozen": ("none", {})}
+    if config.eval.baselines:
+        runs["in_prompt"] = ("prompt", {})
     examples = {lay: builders.build_examples(config, task_for_layout(lay), tokenizer, split, limit, seed)
-                for lay in layouts}
+                for lay in ("memory", *(layout for layout, _ in runs.values()))}
     ev = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
               show_progress=show_progress)
-    runs = {"frozen": ("none", {}), "in_prompt": ("prompt", {})}
     for name, (params, mcfg, use_memory) in trained.items():
         runs[name] = ("memory", dict(mem_params=params, mcfg=mcfg, use_memory=use_memory))
     preds, seconds = {}, {}
