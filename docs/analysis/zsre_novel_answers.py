@@ -39,7 +39,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for d in args.eval_dirs:
         preds = json.loads((d / "eval_results.json").read_text())["predictions"]
-        for system in ("memory", "in_prompt", "frozen"):
+        for system in [s for s in ("memory", "in_prompt", "frozen") if s in preds]:  # in_prompt is optional
             if system != "memory" and d != args.eval_dirs[0]:
                 continue  # the baselines are the same in every run
             for name, exs in subsets.items():
