@@ -55,7 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.eval = ml_collections.ConfigDict(dict(
         enabled=True, batch_size=32, max_new_tokens=8,
-        baselines=False,  # also score the frozen model (question only, and context in prompt) on the same examples
+        # the end-of-training eval also scores the frozen model (question only, and context in prompt);
+        # `python -m gmem_jax.evaluate` always scores the frozen one and adds in_prompt only with this on
+        baselines=False,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.mesh_shard_slots = False
