@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
         # the end-of-training eval also scores the frozen model (question only, and context in prompt);
         # `python -m gmem_jax.evaluate` always scores the frozen one and adds in_prompt only with this on
         baselines=False,
+        # memory.scope_gate_threshold for evaluation only (the end-of-training eval and `python -m
+        # gmem_jax.evaluate`, whose memory config otherwise comes from the export); None: as trained
+        scope_gate_threshold=ml_collections.config_dict.placeholder(float),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.mesh_shard_slots = False

@@ -31,17 +31,18 @@ from typing import Sequence
 def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> dict:
     from gmem_jax.training import builders
     from gmem_jax.training.checkpoint import load_exported_memory
-    from gmem_jax.training.evaluation import compare_systems
+    from gmem_jax.training.evaluation import compare_systems, eval_memory_config
 
     mesh = builders.build_mesh(config)
     task = builders.build_task(config)
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
     params, mcfg = load_exported_memory(workdir, cfg)
+    mcfg = eval_memory_config(config, mcfg)
     trained = {"memory": (params, mcfg, True)}
     if baseline_workdir is not None:
         bparams, bmcfg = load_exported_memory(baseline_workdir, cfg)
-        trained["no_memory"] = (bparams, bmcfg, False)
+        trained["no_memory"] = (bparams, bmcfg, False)  # nothing written: a scope gate would be 0 anyway
     report = compare_systems(config, task_for_layout=lambda lay: builders.build_task(config, lay), tokenizer=tokenizer,
                              frozen=frozen, cfg=cfg, trained=trained)
     report.update(task=config.task.name, split=config.task.eval_split, backbone=backbone_id, memory=mcfg.to_dict())
@@ -52,11 +53,12 @@ def reliance_workdir(config, workdir: Path) -> dict:
     """`memory_reliance` of the memory trained in `workdir` on the config's eval examples (memory layout)."""
     from gmem_jax.training import builders
     from gmem_jax.training.checkpoint import load_exported_memory
-    from gmem_jax.training.evaluation import memory_reliance
+    from gmem_jax.training.evaluation import eval_memory_config, memory_reliance
 
     _, _, cfg, frozen, examples = builders.eval_setup(config)
     params, mcfg = load_exported_memory(workdir, cfg)
-    return memory_reliance(examples, frozen, cfg, params, mcfg, batch_size=config.eval.batch_size)
+    return memory_reliance(examples, frozen, cfg, params, eval_memory_config(config, mcfg),
+                           batch_size=config.eval.batch_size)
 
 
 def _labelled_files(argv: Sequence[str], command: str, filename: str, hint: str):

@@ -207,6 +207,11 @@ class MemoryConfig:
       decision from pooled features, SERAC-style: the untrained cosine of such vectors separates ZsRE questions
       about the written edit from unrelated ones (docs/analysis/zsre_scope_probe.py), which no token-level read
       learned to do. Generation passes the prompt's mean final hidden state (`prompt_query`).
+    scope_gate_threshold: scope_gate only. A segment whose g is below it injects nothing (the frozen model exactly),
+      one at or above it injects g x the update as before: SERAC's hard in-scope decision (its classifier's output
+      against 0.5) on top of the soft gate. The scope loss and the logged gate see g itself, so a threshold in
+      training still trains g below it. 0: off. `python -m gmem_jax.evaluate --config.eval.scope_gate_threshold=`
+      sets it for a trained memory (docs/results.md, "A hard scope decision").
     """
 
     num_slots: int = 1024
@@ -250,6 +255,7 @@ class MemoryConfig:
     scope_gate: bool = False
     scope_gate_scale: float = 10.0
     scope_gate_bias: float = -5.0
+    scope_gate_threshold: float = 0.0
     pointer_weight: float = 0.0
     pointer_segments: int = 1
     pointer_support: bool = False
@@ -295,6 +301,9 @@ class MemoryConfig:
         if self.scope_gate and not (self.injection == "final" and self.standardize_inputs and not self.token_gate):
             raise GmemError("memory scope_gate needs injection='final' (the gate pools the whole prompt), "
                             "standardize_inputs=True (its cosine uses the read side's statistics) and token_gate=False")
+        if not 0 <= self.scope_gate_threshold < 1 or (self.scope_gate_threshold and not self.scope_gate):
+            raise GmemError(f"memory scope_gate_threshold={self.scope_gate_threshold} needs scope_gate=True and a "
+                            "value in [0, 1) (0 turns it off)")
         if self.read_by_write_key and not (self.read_written_only and not self.read_by_content
                                            and self.gate == "update" and (self.mem_dim // self.num_heads) % 2 == 0):
             raise GmemError("memory read_by_write_key needs read_written_only=True, read_by_content=False, "

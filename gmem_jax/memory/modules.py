@@ -466,7 +466,8 @@ class GMemory(nn.Module):
                         entity: Optional[jax.Array] = None):
         """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S], the
         token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate; with
-        memory.scope_gate instead the scope gate broadcast to [B, T], with its gradient, for the scope loss).
+        memory.scope_gate instead the scope gate g broadcast to [B, T], with its gradient, for the scope loss: g
+        itself, also where memory.scope_gate_threshold zeroes the update).
         content_state [B, S, M] (memory.later_train_content): the same memory written with content_only; the
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented.
         memory.scope_gate: the question vector is the mean of h over scope_mask [B, T] (the segment's prompt), or
@@ -482,6 +483,9 @@ class GMemory(nn.Module):
             else:
                 raise GmemError("memory scope_gate needs the question's prompt: pass scope_mask= or scope_query=")
             scope = jnp.broadcast_to(self.scope_gate_value(state, query)[:, None], h.shape[:2])
+        # the hard decision scales the update only; the scope loss keeps g's gradient below the threshold
+        scaled = scope if not self.cfg.scope_gate_threshold else jnp.where(
+            scope >= self.cfg.scope_gate_threshold, scope, 0.0)
         own_source = None
         if content_state is not None:  # content_state has state's values, so the same weights, held constant
             content = self._gather(jax.lax.stop_gradient(weights), self.split_summary(content_state)[0])
@@ -491,7 +495,7 @@ class GMemory(nn.Module):
                 retrieved = jnp.where(detach[..., None], content, retrieved)  # equal values, other gradients
                 detach = None
         r = self.decoder(retrieved.astype(self.cfg.dtype)).astype(jnp.float32)
-        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source, match, scope)
+        h_out, gate = self._inject(h, r, detach, later, retrieved, own_source, match, scaled)
         return h_out, alpha, (scope if scope is not None else gate)
 
     def inject(self, h: jax.Array, r: jax.Array, detach: Optional[jax.Array] = None,

@@ -8,6 +8,7 @@ Three systems share this code path so they are compared like for like:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional, Sequence
 
@@ -261,6 +262,13 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         if name == "locality":
             out.update({f"locality_agreement_{k}": mean(cat(v), k, sel) for k, v in agree.items()})
     return out
+
+
+def eval_memory_config(config, mcfg: MemoryConfig) -> MemoryConfig:
+    """The memory config evaluation runs with: `mcfg` (as trained) with config.eval's inference-time settings
+    (eval.scope_gate_threshold) in place; a setting the memory cannot take raises GmemError."""
+    threshold = config.eval.get("scope_gate_threshold")
+    return mcfg if threshold is None else dataclasses.replace(mcfg, scope_gate_threshold=float(threshold))
 
 
 def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained: dict, show_progress: bool = True

@@ -25,7 +25,7 @@ from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.errors import GmemError
 from gmem_jax.training.data import BatchIterator
 from gmem_jax.training.feature_cache import FeatureCache, cached_collate
-from gmem_jax.training.evaluation import check_scorable, compare_systems, predict
+from gmem_jax.training.evaluation import check_scorable, compare_systems, eval_memory_config, predict
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import (init_train_state, make_eval_step, make_optimizer, make_schedule,
@@ -124,7 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     comparison = None
     if config.eval.enabled:
         name = "memory" if tc.use_memory else "no_memory"
-        systems = {name: (state["params"], mcfg, tc.use_memory)}
+        emcfg = eval_memory_config(config, mcfg)
+        systems = {name: (state["params"], emcfg, tc.use_memory)}
         if config.eval.baselines:  # the frozen model on the same examples: question only, and context in prompt
             report = compare_systems(config, task_for_layout=lambda lay: builders.build_task(config, lay),
                                      tokenizer=tokenizer, frozen=frozen, cfg=cfg, trained=systems,
@@ -133,7 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             result = comparison[name]
             preds = report["predictions"][name]
         else:
-            ev = evaluate_run(config, task=task, tokenizer=tokenizer, frozen=frozen, cfg=cfg, mcfg=mcfg,
+            ev = evaluate_run(config, task=task, tokenizer=tokenizer, frozen=frozen, cfg=cfg, mcfg=emcfg,
                               mem_params=state["params"], use_memory=tc.use_memory, examples=eval_examples,
                               show_progress=main)
             result, preds = ev["metrics"], ev["predictions"]
