@@ -12,7 +12,8 @@
       probe whether the memory is relied on (answer-token accuracy reading its own / another example's / the empty
       memory; per example kind on ZsRE, with locality as agreement with the frozen model) and write
       reliance.json. The eval config may
-      differ from the training one where the memory allows it, e.g. a longer context (more segments).
+      differ from the training one where the memory allows it, e.g. a longer context (more segments), or
+      --config.eval.scope_gate_threshold=0.5 (a hard in-scope decision on a trained scope gate).
   hotpotqa PRED.json GOLD.json
       the official HotpotQA metrics of a prediction file (prints JSON)
   plot METRIC OUT.png LABEL=DIR [LABEL=DIR ...]

@@ -136,3 +136,50 @@ def test_scope_gate_config_and_call_errors():
         GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, h, method=GMemory.read_and_inject)
     with pytest.raises(GmemError, match="final_h="):
         GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, h, jnp.ones((2, 4), bool), method=GMemory.write)
+
+
+def test_threshold_injects_nothing_below_it_and_the_soft_update_above_it():
+    """memory.scope_gate_threshold: a segment whose g is below it gets h back bitwise (the frozen model), one at
+    or above it the soft gate's h' bitwise; g itself, and so the scope loss, is unchanged."""
+    cfg, frozen = tiny_backbone("llama")
+    soft = _scoped(scope_weight=0.5)
+    mem = _memory(cfg, soft)
+    b = random_batch(cfg)
+    state = write_context(mem, frozen, b["tokens"][:, :2], b["token_mask"][:, :2], cfg, soft)
+    h = frozen_features(frozen, b["tokens"][:, 2], b["token_mask"][:, 2], cfg)["features"]
+    prompt = jnp.asarray(b["token_mask"][:, 2])
+
+    def inject(mcfg):
+        return GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, h, scope_mask=prompt,
+                                                    method=GMemory.read_and_inject)
+
+    h_soft, _, g = map(np.asarray, inject(soft))
+    g0 = np.sort(g[:, 0])
+    threshold = float((g0[0] + g0[1]) / 2)  # the lowest-gated example falls below it, the others not
+    hard = _scoped(scope_weight=0.5, scope_gate_threshold=threshold)
+    h_hard, _, g_hard = map(np.asarray, inject(hard))
+    np.testing.assert_array_equal(g_hard, g)
+    below = g[:, 0] < threshold
+    assert below.sum() == 1 and np.abs(h_soft[below] - np.asarray(h)[below]).max() > 1e-3
+    np.testing.assert_array_equal(h_hard[below], np.asarray(h)[below])
+    np.testing.assert_array_equal(h_hard[~below], h_soft[~below])
+    batch = dict(jax.tree.map(jnp.asarray, b), scope=jnp.array([1.0, 0.0, 1.0]))
+    bce = [float(forward_segments(mem, frozen, batch, cfg, m).metrics["scope_bce"]) for m in (soft, hard)]
+    assert bce[0] == bce[1]
+
+
+def test_threshold_config_and_eval_override():
+    from ml_collections import ConfigDict
+
+    from gmem_jax.training.evaluation import eval_memory_config
+
+    with pytest.raises(GmemError, match="scope_gate_threshold=0.5 needs scope_gate=True"):
+        MemoryConfig(scope_gate_threshold=0.5)
+    with pytest.raises(GmemError, match=r"in \[0, 1\)"):
+        _scoped(scope_gate_threshold=1.0)
+    mcfg = _scoped()
+    assert eval_memory_config(ConfigDict(dict(eval=dict(scope_gate_threshold=None))), mcfg) is mcfg
+    assert eval_memory_config(ConfigDict(dict(eval=dict(scope_gate_threshold=0.5))),
+                              mcfg) == _scoped(scope_gate_threshold=0.5)
+    with pytest.raises(GmemError, match="needs scope_gate=True"):
+        eval_memory_config(ConfigDict(dict(eval=dict(scope_gate_threshold=0.5))), MemoryConfig())
