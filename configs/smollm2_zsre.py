@@ -23,7 +23,9 @@ The argument picks the training recipe (evaluation is the same real dev edits fo
                             embedding-layer value (write_key_source="final", write_value_shift=1, write_layer=0),
                             and an update gate that starts open (gate_bias=2.0).
                             900 steps as set here; --config.train.steps=1800 gave our best ZsRE result
-                            (docs/results.md, "Twice the budget, and 16 slots").
+                            (docs/results.md, "Twice the budget, and 16 slots"); evaluate it with
+                            --config.eval.scope_gate_threshold=0.5 (SERAC's hard in-scope decision: locality
+                            95.6 / 92.1 -> 98.8 / 97.7 on two seeds, reliability unchanged; "A hard scope decision").
 Ablations: --config.memory.num_slots=16|256|1024|2048, --config.memory.gate=gru,
 --config.memory.injection=residual --config.memory.read_layer=20, --config.train.use_memory=False (with a scoped
 recipe's gate, which stays shut while nothing is written, that is the frozen model).
