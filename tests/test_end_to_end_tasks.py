@@ -1,5 +1,8 @@
 """Every task end to end on a few shared records: examples -> a tiny random model with memory -> predictions ->
 the task's full metric set (the numbers are meaningless; the pipeline and the metric names are the point)."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,9 +173,7 @@ def test_memory_reliance_probe(shared_data, gpt2_tok, model):
     assert init["changed_vs_other"] == 0.0 and init["changed_vs_empty"] == 0.0
     assert init["token_acc_own"] == init["token_acc_other"] == init["token_acc_empty"]
 
-    keys = iter(jax.random.split(jax.random.PRNGKey(5), 64))
-    loud = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.5 * jax.random.normal(next(keys), x.shape) if "inject" in jax.tree_util.keystr(p) else x, mem)
+    loud = _loud(mem)
     rel = memory_reliance(examples, frozen, cfg, loud, mcfg, batch_size=4)
     assert rel["changed_vs_other"] > 0.0 and rel["changed_vs_empty"] > 0.0
     batch = {k: v for k, v in collate(examples[:4]).items() if k != "example_mask"}  # own = the eval pass
@@ -276,9 +277,7 @@ def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(share
     init = memory_reliance(examples, frozen, cfg, mem, mcfg, batch_size=8)
     assert init["locality_agreement_own"] == init["locality_agreement_empty"] == 1.0
 
-    keys = iter(jax.random.split(jax.random.PRNGKey(5), 64))
-    loud = jax.tree_util.tree_map_with_path(
-        lambda p, x: 0.5 * jax.random.normal(next(keys), x.shape) if "inject" in jax.tree_util.keystr(p) else x, mem)
+    loud = _loud(mem)
     rel = memory_reliance(examples, frozen, cfg, loud, mcfg, batch_size=8)
     total = sum(rel[f"answer_tokens_{k}"] for k in kinds)
     assert total == rel["answer_tokens"] == rel["answer_tokens_other"]
@@ -299,6 +298,13 @@ def test_memory_reliance_splits_by_kind_and_scores_locality_against_frozen(share
     expected = float((np.asarray(preds) == ref)[w].mean())
     assert expected < 1.0  # the randomised injection moves some locality answers: the check can fail
     assert rel["locality_agreement_own"] == pytest.approx(expected)
+
+
+def _loud(mem: dict, seed: int = 5, scale: float = 0.5) -> dict:
+    """`mem` with its zero-initialised injection weights randomised, so that what is read changes the outputs."""
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: scale * jax.random.normal(next(keys), x.shape) if "inject" in jax.tree_util.keystr(p) else x, mem)
 
 
 def test_memory_reliance_reports_the_scope_gate(shared_data, gpt2_tok, model):
@@ -329,6 +335,12 @@ def test_memory_reliance_reports_the_scope_gate(shared_data, gpt2_tok, model):
         g = np.asarray(module.apply({"params": mem}, s, q, method=GMemory.scope_gate_value))
         assert 0.01 < g.min() and g.max() < 0.99
         assert rel[f"scope_gate_{name}"] == pytest.approx(float((g * n).sum() / n.sum()), rel=1e-5)
-    preds = predict(examples[:4], gpt2_tok, frozen, cfg, mem_params=mem, mcfg=mcfg, batch_size=4, max_new_tokens=3,
-                    show_progress=False)
-    assert len(preds) == 4
+    run = functools.partial(predict, examples[:4], gpt2_tok, frozen, cfg, batch_size=4, max_new_tokens=3,
+                            show_progress=False)
+    loud, plain = _loud(mem), run()
+    preds = run(mem_params=loud, mcfg=mcfg)
+    assert len(preds) == 4 and preds != plain  # the soft gate (0.01 < g < 0.99) moves something
+    # memory.scope_gate_threshold above every g here: nothing is injected, in scoring and in generation alike
+    hard = run(mem_params=loud, mcfg=dataclasses.replace(mcfg, scope_gate_threshold=0.99))
+    assert {k: (v["answer"], v["answer_preds"]) for k, v in hard.items()} == \
+        {k: (v["answer"], v["answer_preds"]) for k, v in plain.items()}
