@@ -79,6 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     builders.check_loss_positions(train_examples, mcfg, "training data")
     if config.eval.enabled:  # before training, not after it
         check_scorable(mcfg)
+        emcfg = eval_memory_config(config, mcfg)  # an eval setting this memory cannot take fails here too
     if main:
         _atomic_write_json(workdir / "config.json", builders.config_to_dict(config))
 
@@ -124,7 +125,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     comparison = None
     if config.eval.enabled:
         name = "memory" if tc.use_memory else "no_memory"
-        emcfg = eval_memory_config(config, mcfg)
         systems = {name: (state["params"], emcfg, tc.use_memory)}
         if config.eval.baselines:  # the frozen model on the same examples: question only, and context in prompt
             report = compare_systems(config, task_for_layout=lambda lay: builders.build_task(config, lay),

@@ -143,6 +143,17 @@ def test_malformed_dataset_file_is_named(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+def test_an_eval_setting_the_memory_cannot_take_fails_before_step_one(tmp_path):
+    from gmem_jax.errors import GmemError
+    from gmem_jax.training.trainer import train
+
+    config = _tiny_config()
+    config.eval.scope_gate_threshold = 0.5  # the tiny config's memory has no scope gate
+    with pytest.raises(GmemError, match="scope_gate_threshold=0.5 needs scope_gate=True"):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def _tiny_config():
     import importlib.util
 
