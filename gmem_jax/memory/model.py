@@ -79,17 +79,19 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
                  frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
                  later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
                  scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None,
-                 entity: Optional[jax.Array] = None) -> dict:
+                 entity: Optional[jax.Array] = None, tag_input: bool = True) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
     None). Pass `frozen` where the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the
     write's source (see `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
     [B, T]): see `GMemory._inject`; `content_state`, `scope_mask` [B, T] / `scope_query` [B, H] (memory.scope_gate:
     the prompt, or its mean final hidden state, `prompt_query`), `entity` [B, T] (memory.address_oracle): see
-    `GMemory.read_and_inject`."""
+    `GMemory.read_and_inject`. tag_input: name the hook's input EXTRACT_NAME so that a remat policy saves it
+    rather than re-running the backbone; False where it is already an input of the rematerialised step (frozen
+    features computed ahead), which the step keeps anyway: a tag would save a second copy per segment."""
 
     def hook(h):
-        h = checkpoint_name(h, EXTRACT_NAME)
+        h = checkpoint_name(h, EXTRACT_NAME) if tag_input else h
         h_out, alpha, gate = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later,
                                    content_state, scope_mask, scope_query, entity)
         return h_out, (h, alpha, gate)
@@ -194,8 +196,19 @@ def forward_segments(
     if features is not None and (mcfg.write_layer >= 0) != ("write_features" in batch):
         raise GmemError("the batch's frozen features were computed for another memory.write_layer; rebuild them "
                         "with frozen_features(..., write_layer=memory.write_layer)")
+    seg_features = None
     if features is not None:
         features = {"read": features, "write": batch.get("write_features", features)}
+        seg_features = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), features)
+    elif mcfg.injection == "final":
+        # The frozen backbone's outputs do not depend on the memory here, so run it over every segment first, outside
+        # the differentiated, rematerialised segment step. Inside it, JAX's remat partial evaluation hoisted the
+        # per-layer weight slices out of the layer scan as a stacked copy of all the layer weights, made at every
+        # step: +2.06 GiB per device for Llama-3.1-8B on 8 chips (docs/benchmarks.md section 8.7). Same values;
+        # one segment at a time (lax.map), so activations stay those of one segment.
+        seg_features = jax.lax.map(  # {'read', 'write': [N, B, T, H]}, segment-major like the scan's xs
+            lambda x: encoder_inputs(frozen_features(frozen, x[0], x[1], cfg, mcfg.write_layer)),
+            (jnp.swapaxes(batch["tokens"], 0, 1), jnp.swapaxes(batch["token_mask"].astype(bool), 0, 1)))
     tokens = batch["tokens"]
     B, N, T = tokens.shape
     init = initial_state(mem_params, cfg, mcfg, B)
@@ -229,7 +242,8 @@ def forward_segments(
         ptr = carry[2]
         detach = _later_targets(lmask, mcfg.read_grad_targets)
         hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
-                             content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None, entity=ent)
+                             content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None, entity=ent,
+                             tag_input=feat is None)
         if feat is None:
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
@@ -305,7 +319,7 @@ def forward_segments(
     xs = (jnp.arange(N), *map(seg_major, (tokens, batch["token_mask"].astype(bool), batch["labels"],
                                           batch["loss_mask"].astype(jnp.float32), reset, spos,
                                           target.astype(bool), entity)),
-          None if features is None else jax.tree.map(seg_major, features))
+          seg_features)
     ptr0 = None
     if pointer:  # nothing written yet: zero provenance over a segment of no real tokens
         ptr0 = (jnp.zeros((B, mcfg.num_slots, W, T), jnp.float32), jnp.zeros((B, W, T), tokens.dtype),
