@@ -196,17 +196,17 @@ def forward_segments(
     if features is not None and (mcfg.write_layer >= 0) != ("write_features" in batch):
         raise GmemError("the batch's frozen features were computed for another memory.write_layer; rebuild them "
                         "with frozen_features(..., write_layer=memory.write_layer)")
-    seg_features = None
+    seg_features = None  # {'read', 'write': [N, B, T, H]}: the frozen backbone's outputs, segment-major
     if features is not None:
-        features = {"read": features, "write": batch.get("write_features", features)}
-        seg_features = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), features)
+        seg_features = {"read": jnp.swapaxes(features, 0, 1),
+                        "write": jnp.swapaxes(batch.get("write_features", features), 0, 1)}
     elif mcfg.injection == "final":
         # The frozen backbone's outputs do not depend on the memory here, so run it over every segment first, outside
         # the differentiated, rematerialised segment step. Inside it, JAX's remat partial evaluation hoisted the
         # per-layer weight slices out of the layer scan as a stacked copy of all the layer weights, made at every
         # step: +2.06 GiB per device for Llama-3.1-8B on 8 chips (docs/benchmarks.md section 8.7). Same values;
         # one segment at a time (lax.map), so activations stay those of one segment.
-        seg_features = jax.lax.map(  # {'read', 'write': [N, B, T, H]}, segment-major like the scan's xs
+        seg_features = jax.lax.map(
             lambda x: encoder_inputs(frozen_features(frozen, x[0], x[1], cfg, mcfg.write_layer)),
             (jnp.swapaxes(batch["tokens"], 0, 1), jnp.swapaxes(batch["token_mask"].astype(bool), 0, 1)))
     tokens = batch["tokens"]
@@ -244,12 +244,12 @@ def forward_segments(
         hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
                              content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None, entity=ent,
                              tag_input=feat is None)
-        if feat is None:
+        if feat is None:  # residual injection: the memory changes the backbone's later layers
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
             h_ext, alpha, read_gate = write_source(out, mcfg)
-            h_final = out.final_aux[0] if mcfg.injection == "final" else None  # the final hook's input
-        else:  # the frozen backbone's output was computed once, ahead of training (final injection only)
+            h_final = None
+        else:  # final injection: the frozen backbone's output, computed before the scan or cached ahead of training
             hidden, (h_ext, alpha, read_gate) = hooks["final_hook"](feat["read"])
             h_ext = feat["write"] if mcfg.write_layer >= 0 else h_ext
             h_final = feat["read"]
