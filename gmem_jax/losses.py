@@ -19,7 +19,28 @@ def cross_entropy(logits: jax.Array, labels: jax.Array):
     """logits [..., V] float32, labels [...] int -> (negative log-likelihood [...], argmax ids [...])."""
     logz = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return logz - target, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return logz - target, argmax_last(logits)
+
+
+def _argmax_block(v: int):
+    """The divisor of v in [32, 4096] closest to sqrt(v), or None (then argmax_last uses jnp.argmax)."""
+    divisors = [d for d in range(32, min(v, 4096) + 1) if v % d == 0 and d < v]
+    return min(divisors, key=lambda d: abs(d - v ** 0.5)) if divisors else None
+
+
+def argmax_last(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1) as int32 (the first index of the max), in two stages: the max of each block of the
+    last axis, then the argmax inside the first block holding the overall max. XLA:CPU runs jnp.argmax's (value,
+    index) reduction unvectorised, 0.23 s on GPT-2 logits [2048, 50257], ~4% of a train step, against 22 ms this
+    way (docs/benchmarks.md section 8.7). x [..., V] -> [...]."""
+    V = x.shape[-1]
+    block = _argmax_block(V)
+    if block is None:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    xb = x.reshape(*x.shape[:-1], V // block, block)
+    b = jnp.argmax(xb.max(-1), axis=-1)  # [...]: the first block holding the max
+    inner = jnp.take_along_axis(xb, b[..., None, None], axis=-2)[..., 0, :]  # [..., block]
+    return (b * block + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -90,3 +90,17 @@ def test_remat_backward_does_not_rerun_the_head(monkeypatch):
     monkeypatch.setattr(memory_model.losses, "frozen_head_cross_entropy", _plain_head_ce)
     plain = count()
     assert (saved, plain) == (1, 2)
+
+
+@pytest.mark.parametrize("vocab", [50257, 49152, 2048, 97])  # blocks of 1733, 192, 32; 97 is prime: jnp.argmax
+def test_blockwise_argmax_equals_jnp_argmax_with_ties(vocab):
+    """losses.argmax_last (block maxima, then inside the first block holding the max) returns jnp.argmax's index,
+    the first of tied maxima included: a tie across blocks, a tie inside one block, a max in the last block."""
+    x = np.random.RandomState(vocab).randn(3, 5, vocab).astype(np.float32)
+    x[0, 0, [3, vocab - 2]] = 50.0  # tie across blocks: the first wins
+    x[0, 1, [vocab - 3, vocab - 2]] = 50.0  # tie inside the last block
+    x[1, 2, vocab - 1] = 50.0  # the very last index
+    ours = np.asarray(jax.jit(losses.argmax_last)(jnp.asarray(x)))
+    assert ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, np.argmax(x, axis=-1))
+    assert ours[0, 0] == 3 and ours[0, 1] == vocab - 3 and ours[1, 2] == vocab - 1
