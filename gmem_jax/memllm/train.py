@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gmem_jax import losses
 from gmem_jax.backbones.config import BackboneConfig
 from gmem_jax.backbones.model import count_params, forward
 from gmem_jax.errors import GmemError
@@ -132,7 +133,7 @@ def lm_loss(lora: dict, frozen: dict, batch: dict, cfg: BackboneConfig, alpha: f
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # [B, T-1]
     n = jnp.maximum(weight.sum(), 1.0)
     loss = (nll * weight).sum() / n
-    acc = ((jnp.argmax(logits, -1) == targets) * weight).sum() / n
+    acc = ((losses.argmax_last(logits) == targets) * weight).sum() / n
     return loss, {"loss": loss, "token_acc": acc, "targets": weight.sum()}
 
 

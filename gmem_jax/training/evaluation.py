@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gmem_jax import generation
+from gmem_jax import generation, losses
 from gmem_jax.backbones import forward
 from gmem_jax.errors import GmemError
 from gmem_jax.backbones.config import BackboneConfig
@@ -66,7 +66,7 @@ _prompt_query = jax.jit(prompt_query, static_argnums=(3,))
 @functools.partial(jax.jit, static_argnums=(3,))
 def frozen_argmax(frozen, tokens, mask, cfg):
     """Argmax next-token predictions of the frozen backbone alone: tokens/mask [B, T] -> [B, T]."""
-    return jnp.argmax(forward(frozen, tokens, cfg, kv_mask=mask).logits, -1)
+    return losses.argmax_last(forward(frozen, tokens, cfg, kv_mask=mask).logits)
 
 
 def _left_padded_prompts(batch: dict) -> tuple[np.ndarray, np.ndarray]:
