@@ -154,7 +154,7 @@ def test_entity_labels_mark_each_fact_by_its_person_and_the_question_by_the_one_
         number = people.index if ids == "story" else PEOPLE.index
         assert ids == "story" or set(people) <= set(PEOPLE)
         asked = [number(w) for w in q.question.rstrip("?").split() if w in people]
-        last, plen = ex.entity[-1], ex.prompt_len
+        last = ex.entity[-1]
         n_last = int(ex.token_mask[-1].sum())
         want_q = asked[0] if q.task == 1 else -1
         assert q.task == 2 or len(asked) == 1
