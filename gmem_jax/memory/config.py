@@ -379,6 +379,14 @@ class MemoryConfig:
         """Whether training uses the batch's entity labels (address_oracle, address_weight)."""
         return bool(self.address_oracle or self.address_weight)
 
+    @property
+    def shares_encoding(self) -> bool:
+        """Whether a segment's read and write encode the same array: final injection without a write_layer (both
+        consume the final hidden states) and without input standardisation (whose read and write statistics are
+        separate parameters). The segment step then encodes once and hands E(h) to both, so the encoder's backward
+        runs once per segment instead of once per use."""
+        return self.injection == "final" and self.write_layer < 0 and not self.standardize_inputs
+
     def replace(self, **kw) -> "MemoryConfig":
         return dataclasses.replace(self, **kw)
 

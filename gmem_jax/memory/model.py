@@ -79,7 +79,8 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
                  frozen: Optional[dict] = None, detach: Optional[jax.Array] = None,
                  later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
                  scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None,
-                 entity: Optional[jax.Array] = None, tag_input: bool = True) -> dict:
+                 entity: Optional[jax.Array] = None, tag_input: bool = True,
+                 encoded: Optional[jax.Array] = None) -> dict:
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
     None). Pass `frozen` where the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the
@@ -88,12 +89,13 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
     the prompt, or its mean final hidden state, `prompt_query`), `entity` [B, T] (memory.address_oracle): see
     `GMemory.read_and_inject`. tag_input: name the hook's input EXTRACT_NAME so that a remat policy saves it
     rather than re-running the backbone; False where it is already an input of the rematerialised step (frozen
-    features computed ahead), which the step keeps anyway: a tag would save a second copy per segment."""
+    features computed ahead), which the step keeps anyway: a tag would save a second copy per segment. encoded
+    [B, T, M]: the read's E(h), computed by a caller that also hands it to the write (final injection)."""
 
     def hook(h):
         h = checkpoint_name(h, EXTRACT_NAME) if tag_input else h
         h_out, alpha, gate = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later,
-                                   content_state, scope_mask, scope_query, entity)
+                                   content_state, scope_mask, scope_query, entity, encoded)
         return h_out, (h, alpha, gate)
 
     if mcfg.injection != "final":
@@ -120,6 +122,13 @@ def slot_spread(alpha: jax.Array) -> jax.Array:
     p = alpha / jnp.maximum(total, 1e-30)
     spread = jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
     return jnp.where(total[..., 0] > 0, spread, 0.0)
+
+
+def _write_reuses_read_encoding(mcfg: MemoryConfig) -> bool:
+    """Whether the write encodes the final hidden states as the read does (its values: `shares_encoding`; its keys:
+    write_key_source="final"). The segment step then encodes them once and hands E(h) to both, so autodiff sums the
+    uses' cotangents and runs the encoder's backward once (XLA merged the repeated forwards, not the backwards)."""
+    return mcfg.shares_encoding or mcfg.write_key_source == "final"
 
 
 def _loss_positions(loss_mask: jax.Array, k: int) -> jax.Array:
@@ -241,9 +250,11 @@ def forward_segments(
         state, content_state = (jnp.where(rst[:, None, None], init, s) if s is not None else None for s in carry[:2])
         ptr = carry[2]
         detach = _later_targets(lmask, mcfg.read_grad_targets)
+        enc = (_call(mem_params, cfg, mcfg, GMemory.encode, feat["read"])
+               if feat is not None and use_memory and _write_reuses_read_encoding(mcfg) else None)
         hooks = memory_hooks(mem_params, state, cfg, mcfg, frozen, detach, detach if mcfg.later_read_map else None,
                              content_state, _prompt_mask(msk, lmask) if mcfg.scope_gate else None, entity=ent,
-                             tag_input=feat is None)
+                             tag_input=feat is None, encoded=enc)
         if feat is None:  # residual injection: the memory changes the backbone's later layers
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
@@ -274,14 +285,14 @@ def forward_segments(
             ys_address = _address_read_terms(take_rows(alpha), take(ent), w, mcfg)
         if use_memory:
             new_state, z, *extra = _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, gate_override,
-                                         False, h_final, pointer, ent, address)
+                                         False, h_final, pointer, ent, address, read_encoded=enc)
             if pointer:  # a segment with no real tokens writes nothing: the last written ones stay
                 ptr = _push_provenance(ptr, extra[0], tok, msk, z, tgt)
             if address:
                 ys_address["addr_write_nll"], ys_address["addr_write_n"] = extra[-1]
             if content:
                 content_state, _ = _call(mem_params, cfg, mcfg, GMemory.write, content_state, h_ext, msk,
-                                         gate_override, True, h_final, False, ent)
+                                         gate_override, True, h_final, False, ent, read_encoded=enc)
             if mcfg.bptt_depth:
                 cut = (k + 1) % mcfg.bptt_depth == 0  # truncated BPTT: no gradient into older segments
                 new_state, content_state = (None if x is None else jnp.where(cut, jax.lax.stop_gradient(x), x)

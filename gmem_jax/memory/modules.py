@@ -333,7 +333,8 @@ class GMemory(nn.Module):
 
     def write(self, state: jax.Array, h: jax.Array, mask: jax.Array, gate_override: Optional[float] = None,
               content_only: bool = False, final_h: Optional[jax.Array] = None, provenance: bool = False,
-              entity: Optional[jax.Array] = None, address_terms: bool = False):
+              entity: Optional[jax.Array] = None, address_terms: bool = False,
+              read_encoded: Optional[jax.Array] = None):
         """Consolidate a segment into memory.
 
         state [B, S, M]; h [B, T, H]; mask [B, T] True on real tokens. Returns (new state [B, S, M], gate [B, S, M]),
@@ -348,6 +349,9 @@ class GMemory(nn.Module):
         stored (values, output map, GRU candidate, the encoder through them).
         final_h [B, T, H]: the segment's final hidden states, pooled into the summary row (memory.scope_gate) and
         the source of the write keys (memory.write_key_source="final"). entity [B, T]: memory.address_oracle's labels.
+        read_encoded [B, T, M]: E(final_h) as the segment's read computed it (read statistics), passed so the
+        encoder's backward runs once: it is then the write keys with write_key_source="final", and the values too
+        when `MemoryConfig.shares_encoding` (h is final_h); anything else is encoded here.
         address_terms (memory.address_weight; keyed write): a last item, the write's address loss terms from entity
         (see `_slot_competitive_write`).
         """
@@ -359,12 +363,13 @@ class GMemory(nn.Module):
         state, summary = self.split_summary(state)
         if summary is not None and final_h is None:
             raise GmemError("memory scope_gate's write needs the segment's final hidden states: pass final_h=")
-        x, x_key = self.encode(h, "write"), None
+        shared = read_encoded is not None and c.shares_encoding
+        x, x_key = (read_encoded if shared else self.encode(h, "write")), None
         if c.write_key_source == "final":  # addresses made like the queries of later reads: same features, same stats
             if final_h is None:
                 raise GmemError("memory write_key_source='final' needs the segment's final hidden states: pass "
                                 "final_h=")
-            x_key = self.encode(final_h, "read")
+            x_key = self.encode(final_h, "read") if read_encoded is None else read_encoded
         if c.write_attention == "tokens":
             attn_mask = mask[:, None, None, :].astype(bool)  # [B, 1, S(query), T(key)]
             a = self.write_attn(state.astype(c.dtype), x, mask=attn_mask).astype(jnp.float32)
@@ -399,14 +404,15 @@ class GMemory(nn.Module):
         return out + (address,) if address_terms else out
 
     # ---- read (retrieve) and inject ----------------------------------------------------------------------
-    def _read_weights(self, state: jax.Array, h: jax.Array,
-                      entity: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    def _read_weights(self, state: jax.Array, h: jax.Array, entity: Optional[jax.Array] = None,
+                      encoded: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
         """Read weights: state [B, S, M], h [B, T, H] -> ([B, T, heads, S] (keyed, one softmax per head over that
         head's part of the slots) or [B, T, S]; with memory.token_gate_match the match m [B, T] = mean over heads of
         logsumexp(logits) - log S, how strongly the token's query found something in memory, 0 when the logits are
-        uniform; otherwise None). entity [B, T]: memory.address_oracle's labels."""
+        uniform; otherwise None). entity [B, T]: memory.address_oracle's labels; encoded [B, T, M]: E(h) computed
+        by the caller (the segment step, which hands the same encoding to the write), else computed here."""
         c = self.cfg
-        x = self.encode(h)
+        x = self.encode(h) if encoded is None else encoded
         bias = jnp.log(self._slot_importance(state) + _EPS) if c.importance_in_read else jnp.zeros(state.shape[:2])
         if c.write_attention == "keyed":  # per head: match the slots' addresses
             q = self._split_heads(self.read_q(x))  # [B, T, nh, d]
@@ -446,11 +452,12 @@ class GMemory(nn.Module):
             return out.reshape(out.shape[:2] + (-1,))
         return jnp.einsum("bts,bsm->btm", weights, state)
 
-    def _retrieve(self, state: jax.Array, h: jax.Array, entity: Optional[jax.Array] = None):
+    def _retrieve(self, state: jax.Array, h: jax.Array, entity: Optional[jax.Array] = None,
+                  encoded: Optional[jax.Array] = None):
         """state [B, S, M], h [B, T, H] -> (alpha Mem [B, T, M] float32, read weights, alpha [B, T, S], match [B, T]);
-        entity [B, T]: memory.address_oracle's labels."""
+        entity [B, T]: memory.address_oracle's labels; encoded: see `_read_weights`."""
         state, _ = self.split_summary(state)
-        weights, match = self._read_weights(state, h, entity)
+        weights, match = self._read_weights(state, h, entity, encoded)
         alpha = weights.mean(2) if weights.ndim == 4 else weights
         return self._gather(weights, state), weights, alpha, match
 
@@ -463,7 +470,7 @@ class GMemory(nn.Module):
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
                         later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
                         scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None,
-                        entity: Optional[jax.Array] = None):
+                        entity: Optional[jax.Array] = None, encoded: Optional[jax.Array] = None):
         """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S], the
         token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate; with
         memory.scope_gate instead the scope gate g broadcast to [B, T], with its gradient, for the scope loss: g
@@ -472,8 +479,8 @@ class GMemory(nn.Module):
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented.
         memory.scope_gate: the question vector is the mean of h over scope_mask [B, T] (the segment's prompt), or
         given pooled as scope_query [B, H] (generation, where a decode step sees one token). entity [B, T]:
-        memory.address_oracle's labels."""
-        retrieved, weights, alpha, match = self._retrieve(state, h, entity)
+        memory.address_oracle's labels. encoded [B, T, M]: E(h), if the caller computed it (see `_read_weights`)."""
+        retrieved, weights, alpha, match = self._retrieve(state, h, entity, encoded)
         scope = None
         if self.cfg.scope_gate:
             if scope_query is not None:
