@@ -42,3 +42,17 @@ def small_memory(injection="final", **kw):
 def module_call(cfg, mcfg, mem):
     """GMemory's methods on params `mem`: module_call(...)(*args, method=GMemory.write)."""
     return lambda *a, **kw: memory_module(cfg, mcfg).apply({"params": mem}, *a, **kw)  # noqa: E731
+
+
+def count_dot_generals(jaxpr, select) -> int:
+    """Number of dot_general equations for which select(eqn) holds, nested jaxprs included (each scan / cond /
+    checkpoint body counted once): how many times a differentiated program runs a given product."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general" and bool(select(eqn))
+        for v in eqn.params.values():
+            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+                sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x, "consts") else x  # ClosedJaxpr or Jaxpr
+                if hasattr(sub, "eqns"):
+                    n += count_dot_generals(sub, select)
+    return n

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone
+from memory_testlib import count_dot_generals, perturbed_memory, random_batch, small_memory, tiny_backbone
 
 from gmem_jax import losses
 from gmem_jax.backbones import lm_logits
@@ -54,24 +54,8 @@ def test_memory_gradients_equal_plain_head_autodiff(injection, remat, monkeypatc
 
 
 def _head_matmuls(jaxpr, vocab: int) -> int:
-    """Number of dot_generals producing a [..., vocab] output (LM-head forwards), nested jaxprs included
-    (each scan / cond / checkpoint body counted once)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == vocab:
-            n += 1
-        for sub in _subjaxprs(eqn):
-            n += _head_matmuls(sub, vocab)
-    return n
-
-
-def _subjaxprs(eqn):
-    for v in eqn.params.values():
-        for x in (v if isinstance(v, (tuple, list)) else (v,)):
-            if hasattr(x, "jaxpr") and hasattr(x, "consts"):  # ClosedJaxpr
-                yield x.jaxpr
-            elif hasattr(x, "eqns"):  # Jaxpr
-                yield x
+    """Number of dot_generals producing a [..., vocab] output (LM-head forwards)."""
+    return count_dot_generals(jaxpr, lambda eqn: eqn.outvars[0].aval.shape[-1] == vocab)
 
 
 def test_remat_backward_does_not_rerun_the_head(monkeypatch):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone
+from memory_testlib import count_dot_generals, perturbed_memory, random_batch, small_memory, tiny_backbone
 
 from gmem_jax.memory import model as memory_model
 
@@ -24,17 +24,10 @@ CASES = {
 
 def _encoder_in_matmuls(jaxpr) -> int:
     """dot_generals that take or produce a [H, 2M] array or its transpose (the encoder's input layer: its forward
-    and its kernel gradient), nested jaxprs included (each scan / checkpoint body counted once)."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars) if hasattr(v, "aval")]
-        n += eqn.primitive.name == "dot_general" and bool({(H, 2 * M), (2 * M, H)} & set(shapes))
-        for v in eqn.params.values():
-            for x in (v if isinstance(v, (tuple, list)) else (v,)):
-                sub = x.jaxpr if hasattr(x, "jaxpr") and hasattr(x, "consts") else x
-                if hasattr(sub, "eqns"):
-                    n += _encoder_in_matmuls(sub)
-    return n
+    and its kernel gradient)."""
+    kernel = {(H, 2 * M), (2 * M, H)}
+    return count_dot_generals(jaxpr, lambda eqn: kernel & {v.aval.shape for v in (*eqn.invars, *eqn.outvars)
+                                                           if hasattr(v, "aval")})
 
 
 @pytest.mark.parametrize("case, remat", [(list(CASES)[0], True), (list(CASES)[1], False)])  # ~12 s each
