@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
         # memory.scope_gate_threshold for evaluation only (the end-of-training eval and `python -m
         # gmem_jax.evaluate`, whose memory config otherwise comes from the export); None: as trained
         scope_gate_threshold=ml_collections.config_dict.placeholder(float),
+        # HotpotQA supporting facts: 0 = every sentence whose score (sigmoid) is >= 0.5; k > 0 = the k
+        # highest-scored sentences of each question (tasks.hotpotqa.supporting_facts_from_scores)
+        sp_top_k=0,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.mesh_shard_slots = False

@@ -344,3 +344,20 @@ def test_memory_reliance_reports_the_scope_gate(shared_data, gpt2_tok, model):
     hard = run(mem_params=loud, mcfg=dataclasses.replace(mcfg, scope_gate_threshold=0.99))
     assert {k: (v["answer"], v["answer_preds"]) for k, v in hard.items()} == \
         {k: (v["answer"], v["answer_preds"]) for k, v in plain.items()}
+
+
+def test_hotpotqa_sp_top_k_reaches_the_predictions(shared_data, gpt2_tok, model):
+    """eval.sp_top_k's path: `predict(sp_top_k=2)` names each question's two highest-scored real sentences, which
+    nest with the 0.5-threshold picks of the same scores (the one set holds the other, whichever is larger)."""
+    cfg, frozen, mcfg, mem = model
+    kwargs, split, _ = _cases(shared_data)["hotpotqa"]
+    examples = get_task("hotpotqa", **kwargs).examples(split, gpt2_tok, n_seg=4, seg_len=96, max_sents=12, limit=8)
+    common = dict(mem_params=mem, mcfg=mcfg, batch_size=8, max_new_tokens=1, show_progress=False)
+    by_threshold = predict(examples, gpt2_tok, frozen, cfg, **common)
+    top2 = predict(examples, gpt2_tok, frozen, cfg, sp_top_k=2, **common)
+    for ex in examples:
+        real = sum(k is not None for s, k in zip(*np.nonzero(ex.sent_mask)) for k in [ex.meta["sent_keys"][s][k]])
+        picked = set(map(tuple, top2[ex.meta["id"]]["sp"]))
+        above = set(map(tuple, by_threshold[ex.meta["id"]]["sp"]))
+        assert len(picked) == min(2, real) and real >= 2
+        assert picked <= above or above <= picked

@@ -177,14 +177,24 @@ class HotpotQATask(Task):
                 yield from sents
 
 
-def supporting_facts_from_scores(example: SegmentedExample, scores: np.ndarray, threshold: float = 0.5
-                                 ) -> list[list]:
+def supporting_facts_from_scores(example: SegmentedExample, scores: np.ndarray, threshold: float = 0.5,
+                                 top_k: int = 0) -> list[list]:
     """[[title, sent_id], ...] of the sentence slots whose score ([n_seg, max_sents], e.g. sigmoid of the
-    memory's sentence logits) is >= threshold, in document order; for HotpotQA predictions' 'sp'."""
+    memory's sentence logits) is >= threshold, in document order; for HotpotQA predictions' 'sp'. top_k > 0
+    instead takes the top_k highest-scored real sentences (ties in document order), still listed in document
+    order: a rule with no threshold to set (every HotpotQA question has at least two supporting facts, so
+    top_k=2 always predicts some), for a head whose scores rank sentences but stay below the threshold."""
     scores = np.asarray(scores)
     if scores.shape != example.sent_mask.shape:
         raise GmemError(f"example {example.meta.get('id')}: scores shape {scores.shape} != sent_mask shape "
                         f"{example.sent_mask.shape}; pass one score per sentence slot")
+    if top_k < 0:
+        raise GmemError(f"top_k={top_k}: use 0 (the threshold) or a positive number of sentences")
+    chosen = example.sent_mask & (scores >= threshold)
+    if top_k:
+        ranked = np.argsort(-np.where(example.sent_mask, scores, -np.inf).ravel(), kind="stable")
+        chosen = np.zeros(scores.size, bool)
+        chosen[ranked[:min(top_k, int(example.sent_mask.sum()))]] = True
+        chosen = chosen.reshape(scores.shape)
     keys = example.meta["sent_keys"]
-    return [list(keys[s][k]) for s, k in zip(*np.nonzero(example.sent_mask & (scores >= threshold)))
-            if keys[s][k] is not None]
+    return [list(keys[s][k]) for s, k in zip(*np.nonzero(chosen)) if keys[s][k] is not None]

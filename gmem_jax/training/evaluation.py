@@ -94,13 +94,13 @@ def check_scorable(mcfg: Optional[MemoryConfig]) -> None:
 
 def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, cfg: BackboneConfig, *,
             mem_params: Optional[dict] = None, mcfg: Optional[MemoryConfig] = None, use_memory: bool = True,
-            batch_size: int = 8, max_new_tokens: int = 16, desc: str = "eval", show_progress: bool = True
-            ) -> dict[str, dict]:
+            batch_size: int = 8, max_new_tokens: int = 16, sp_top_k: int = 0, desc: str = "eval",
+            show_progress: bool = True) -> dict[str, dict]:
     """Predictions {id: {'answer': text, 'token_em': float, 'answer_preds': [int, ...], 'answer_hits': [0/1, ...],
     'sp': [[title, sent_id], ...]}} for each example. 'answer_preds' are the teacher-forced argmax tokens at the
     answer positions of the last segment, in order (what EasyEdit's locality compares between a system and the
     unedited model); 'answer_hits' says which of them equal the targets (the last target is EOS), given only when
-    every target was scored."""
+    every target was scored. sp_top_k: how 'sp' is chosen, see `supporting_facts_from_scores`."""
     if mem_params is not None:
         check_scorable(mcfg)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -135,7 +135,8 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             if weight[i].sum() == last_loss[i].sum():  # every target scored (memory.loss_positions may keep fewer)
                 p["answer_hits"] = hit[i][weight[i]].astype(int).tolist()
             if sp_logits is not None:
-                p["sp"] = supporting_facts_from_scores(ex, jax.nn.sigmoid(np.asarray(sp_logits[i])))
+                p["sp"] = supporting_facts_from_scores(ex, jax.nn.sigmoid(np.asarray(sp_logits[i])),
+                                                       top_k=sp_top_k)
             predictions[ex.meta["id"]] = p
     return predictions
 
@@ -264,6 +265,12 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     return out
 
 
+def predict_options(config, show_progress: bool) -> dict:
+    """`predict`'s keyword arguments that come from config.eval (the same for every system scored)."""
+    return dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
+                sp_top_k=config.eval.get("sp_top_k", 0), show_progress=show_progress)
+
+
 def eval_memory_config(config, mcfg: MemoryConfig) -> MemoryConfig:
     """The memory config evaluation runs with: `mcfg` (as trained) with config.eval's inference-time settings
     (eval.scope_gate_threshold) in place; a setting the memory cannot take raises GmemError."""
@@ -291,8 +298,7 @@ def compare_systems(config, *, task_for_layout, tokenizer, frozen, cfg, trained:
         runs["in_prompt"] = ("prompt", {})
     examples = {lay: builders.build_examples(config, task_for_layout(lay), tokenizer, split, limit, seed)
                 for lay in ("memory", *(layout for layout, _ in runs.values()))}
-    ev = dict(batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
-              show_progress=show_progress)
+    ev = predict_options(config, show_progress)
     for name, (params, mcfg, use_memory) in trained.items():
         runs[name] = ("memory", dict(mem_params=params, mcfg=mcfg, use_memory=use_memory))
     preds, seconds = {}, {}

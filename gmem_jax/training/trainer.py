@@ -25,7 +25,8 @@ from gmem_jax.training import builders, checkpoint, distributed, sharding
 from gmem_jax.errors import GmemError
 from gmem_jax.training.data import BatchIterator
 from gmem_jax.training.feature_cache import FeatureCache, cached_collate
-from gmem_jax.training.evaluation import check_scorable, compare_systems, eval_memory_config, predict
+from gmem_jax.training.evaluation import (check_scorable, compare_systems, eval_memory_config, predict,
+                                          predict_options)
 from gmem_jax.training.loop import run_steps
 from gmem_jax.training.monitor import Monitor
 from gmem_jax.training.step import (init_train_state, make_eval_step, make_optimizer, make_schedule,
@@ -52,8 +53,7 @@ def evaluate_run(config, *, task, tokenizer, frozen, cfg, mcfg, mem_params, use_
     """Task metrics of the trained system on `examples` (plus teacher-forced answer-token accuracies, see
     metrics.answer_token_scores)."""
     preds = predict(examples, tokenizer, frozen, cfg, mem_params=mem_params, mcfg=mcfg, use_memory=use_memory,
-                    batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
-                    desc="eval", show_progress=show_progress)
+                    desc="eval", **predict_options(config, show_progress))
     scores = task.score(preds, examples)
     scores.update(answer_token_scores(preds))
     return {"metrics": scores, "predictions": preds}

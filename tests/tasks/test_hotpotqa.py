@@ -1,5 +1,6 @@
 """HotpotQA loaders (original JSON, JSONL, hub layout), examples on real data, and scoring."""
 import json
+import types
 
 import datasets
 import numpy as np
@@ -123,6 +124,22 @@ def test_score_and_sp_from_scores(shared_data, distractor_raw, gpt2_tok):
     assert scores["em"] == 1.0 and scores["sp_em"] == 0.0 and scores["joint_f1"] == 0.0
     with pytest.raises(GmemError, match="scores shape"):
         supporting_facts_from_scores(exs[0], np.zeros((2, 2)))
+
+
+def test_sp_top_k_takes_the_highest_scored_real_sentences():
+    """Hand-made case: 2 segments x 3 sentence slots, the last slot padding with the highest score of all."""
+    ex = types.SimpleNamespace(sent_mask=np.array([[True, True, True], [True, True, False]]),
+                               meta={"id": "q", "sent_keys": [[("A", 0), ("A", 1), ("B", 0)],
+                                                              [("B", 1), ("C", 0), None]]})
+    scores = np.array([[0.10, 0.30, 0.05], [0.30, 0.20, 0.99]])
+    assert supporting_facts_from_scores(ex, scores) == []  # no real sentence reaches 0.5
+    assert supporting_facts_from_scores(ex, scores, threshold=0.25) == [["A", 1], ["B", 1]]
+    assert supporting_facts_from_scores(ex, scores, top_k=1) == [["A", 1]]  # a tie goes to document order
+    assert supporting_facts_from_scores(ex, scores, top_k=2) == [["A", 1], ["B", 1]]
+    assert supporting_facts_from_scores(ex, scores, top_k=3) == [["A", 1], ["B", 1], ["C", 0]]
+    assert supporting_facts_from_scores(ex, scores, top_k=9) == [["A", 0], ["A", 1], ["B", 0], ["B", 1], ["C", 0]]
+    with pytest.raises(GmemError, match="top_k=-1"):
+        supporting_facts_from_scores(ex, scores, top_k=-1)
 
 
 def test_overflow_drops_oldest_paragraphs(shared_data, gpt2_tok):
