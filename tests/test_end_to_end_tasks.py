@@ -356,7 +356,8 @@ def test_hotpotqa_sp_top_k_reaches_the_predictions(shared_data, gpt2_tok, model)
     by_threshold = predict(examples, gpt2_tok, frozen, cfg, **common)
     top2 = predict(examples, gpt2_tok, frozen, cfg, sp_top_k=2, **common)
     for ex in examples:
-        real = sum(k is not None for s, k in zip(*np.nonzero(ex.sent_mask)) for k in [ex.meta["sent_keys"][s][k]])
+        keys = ex.meta["sent_keys"]
+        real = sum(keys[s][k] is not None for s, k in zip(*np.nonzero(ex.sent_mask)))
         picked = set(map(tuple, top2[ex.meta["id"]]["sp"]))
         above = set(map(tuple, by_threshold[ex.meta["id"]]["sp"]))
         assert len(picked) == min(2, real) and real >= 2

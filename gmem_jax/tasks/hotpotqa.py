@@ -190,11 +190,14 @@ def supporting_facts_from_scores(example: SegmentedExample, scores: np.ndarray, 
                         f"{example.sent_mask.shape}; pass one score per sentence slot")
     if top_k < 0:
         raise GmemError(f"top_k={top_k}: use 0 (the threshold) or a positive number of sentences")
-    chosen = example.sent_mask & (scores >= threshold)
-    if top_k:
-        ranked = np.argsort(-np.where(example.sent_mask, scores, -np.inf).ravel(), kind="stable")
-        chosen = np.zeros(scores.size, bool)
-        chosen[ranked[:min(top_k, int(example.sent_mask.sum()))]] = True
-        chosen = chosen.reshape(scores.shape)
     keys = example.meta["sent_keys"]
-    return [list(keys[s][k]) for s, k in zip(*np.nonzero(chosen)) if keys[s][k] is not None]
+    real = example.sent_mask.copy()  # a slot with a (title, sent_id) to name
+    for s, k in zip(*np.nonzero(real)):
+        real[s, k] = keys[s][k] is not None
+    chosen = real & (scores >= threshold)
+    if top_k:
+        ranked = np.argsort(-np.where(real, scores, -np.inf).ravel(), kind="stable")
+        chosen = np.zeros(scores.size, bool)
+        chosen[ranked[:min(top_k, int(real.sum()))]] = True
+        chosen = chosen.reshape(scores.shape)
+    return [list(keys[s][k]) for s, k in zip(*np.nonzero(chosen))]

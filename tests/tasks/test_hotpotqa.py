@@ -127,11 +127,11 @@ def test_score_and_sp_from_scores(shared_data, distractor_raw, gpt2_tok):
 
 
 def test_sp_top_k_takes_the_highest_scored_real_sentences():
-    """Hand-made case: 2 segments x 3 sentence slots, the last slot padding with the highest score of all."""
-    ex = types.SimpleNamespace(sent_mask=np.array([[True, True, True], [True, True, False]]),
-                               meta={"id": "q", "sent_keys": [[("A", 0), ("A", 1), ("B", 0)],
-                                                              [("B", 1), ("C", 0), None]]})
-    scores = np.array([[0.10, 0.30, 0.05], [0.30, 0.20, 0.99]])
+    """Hand-made case: 2 segments x 4 sentence slots; the highest scores sit on padding and on a slot with no key."""
+    ex = types.SimpleNamespace(sent_mask=np.array([[True, True, True, False], [True, True, True, False]]),
+                               meta={"id": "q", "sent_keys": [[("A", 0), ("A", 1), ("B", 0), None],
+                                                              [("B", 1), ("C", 0), None, None]]})
+    scores = np.array([[0.10, 0.30, 0.05, 0.98], [0.30, 0.20, 0.99, 0.97]])
     assert supporting_facts_from_scores(ex, scores) == []  # no real sentence reaches 0.5
     assert supporting_facts_from_scores(ex, scores, threshold=0.25) == [["A", 1], ["B", 1]]
     assert supporting_facts_from_scores(ex, scores, top_k=1) == [["A", 1]]  # a tie goes to document order
