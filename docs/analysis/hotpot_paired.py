@@ -10,6 +10,7 @@ tokens (each question's count of right answer tokens, the EOS included: the fine
 """
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from configs.smollm2_hotpotqa import DATA
@@ -18,23 +19,23 @@ from gmem_jax.tasks.metrics import exact_match
 SYSTEMS = ("memory", "no_memory")
 
 
-def paired(preds: dict, gold: dict) -> dict:
-    """preds {system: {id: prediction}}, gold {id: answer} -> counts of the questions one system beats the other."""
-    out = {"questions": len(gold), "mem_only_em": 0, "twin_only_em": 0, "both_em": 0,
-           "mem_more_tokens": 0, "twin_more_tokens": 0, "tokens": [0, 0], "targets": 0}
+def paired(preds: dict, gold: dict) -> Counter:
+    """preds {system: {id: prediction}}, gold {id: answer} -> counts: questions exact for one system only / both,
+    answer tokens right per system, questions where one system has more tokens right, answer targets."""
+    c = Counter()
     for qid, answer in gold.items():
         m, t = (preds[s][qid] for s in SYSTEMS)
         em_m, em_t = (exact_match(p["answer"], [answer]) > 0 for p in (m, t))
-        out["mem_only_em"] += em_m and not em_t
-        out["twin_only_em"] += em_t and not em_m
-        out["both_em"] += em_m and em_t
         hm, ht = sum(m["answer_hits"]), sum(t["answer_hits"])
-        out["mem_more_tokens"] += hm > ht
-        out["twin_more_tokens"] += ht > hm
-        out["tokens"][0] += hm
-        out["tokens"][1] += ht
-        out["targets"] += len(m["answer_hits"])
-    return out
+        c.update(mem_only_em=em_m and not em_t, twin_only_em=em_t and not em_m, both_em=em_m and em_t,
+                 mem_tokens=hm, twin_tokens=ht, mem_more_tokens=hm > ht, twin_more_tokens=ht > hm,
+                 targets=len(m["answer_hits"]))
+    return c
+
+
+def row(name: str, c: Counter, cells: str = " | | |") -> str:
+    return (f"| {name} |{cells} {c['mem_only_em']} / {c['twin_only_em']} / {c['both_em']} | {c['mem_tokens']} / "
+            f"{c['twin_tokens']} ({c['targets']}) | {c['mem_more_tokens']} / {c['twin_more_tokens']} |")
 
 
 def main():
@@ -45,26 +46,17 @@ def main():
               "answer tokens right mem / twin (of)", "questions with more tokens right: mem / twin")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     records = json.loads(Path(f"{DATA}/dev_distractor_23.json").read_text())
-    total = None
+    total = Counter()
     for d in args.eval_dirs:
         ev = json.loads((d / "eval_results.json").read_text())
         res, preds = ev["results"], ev["predictions"]
         gold = {r["_id"]: r["answer"] for r in records if r["_id"] in preds["memory"]}
         c = paired(preds, gold)
-        pct = lambda s, k: f"{100 * res[s][k]:.1f}"  # noqa: E731
-        print(f"| {d.name} | {pct('memory', 'em')} / {pct('no_memory', 'em')} | {pct('memory', 'sp_f1')} / "
-              f"{pct('no_memory', 'sp_f1')} | {pct('memory', 'joint_f1')} / {pct('no_memory', 'joint_f1')} | "
-              f"{c['mem_only_em']} / {c['twin_only_em']} / {c['both_em']} | {c['tokens'][0]} / {c['tokens'][1]} "
-              f"({c['targets']}) | {c['mem_more_tokens']} / {c['twin_more_tokens']} |")
-        if total is None:
-            total = c
-        else:
-            for k, v in c.items():
-                total[k] = [a + b for a, b in zip(total[k], v)] if isinstance(v, list) else total[k] + v
+        total += c
+        pct = lambda k: " / ".join(f"{100 * res[s][k]:.1f}" for s in SYSTEMS)  # noqa: E731
+        print(row(d.name, c, f" {pct('em')} | {pct('sp_f1')} | {pct('joint_f1')} |"))
     if len(args.eval_dirs) > 1:
-        print(f"| all | | | | {total['mem_only_em']} / {total['twin_only_em']} / {total['both_em']} | "
-              f"{total['tokens'][0]} / {total['tokens'][1]} ({total['targets']}) | "
-              f"{total['mem_more_tokens']} / {total['twin_more_tokens']} |")
+        print(row("all", total))
 
 
 if __name__ == "__main__":
