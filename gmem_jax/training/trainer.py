@@ -177,19 +177,29 @@ def _lr_multipliers(spec: str, params: dict) -> dict[str, float]:
     return out
 
 
-def _warm_start(fresh: dict, source: str, cfg, mcfg) -> dict:
-    """train.init_memory_from: the memory exported by an earlier run (e.g. a curriculum's previous stage), in
-    place of `fresh`. Its input statistics (standardize_inputs) come with it, not re-estimated: the weights were
-    trained against them. Refused unless every parameter has the shape a fresh memory of this config has."""
+def _warm_start(fresh: dict, source: str, cfg, mcfg, partial: bool = False) -> dict:
+    """train.init_memory_from: the memory exported by an earlier run (e.g. a curriculum's previous stage, or a
+    memory trained on another task), in place of `fresh`. Its input statistics (standardize_inputs) come with it,
+    not re-estimated: the weights were trained against them. Refused unless every parameter of `fresh` is in the
+    source with the same shape; with `partial` (train.init_memory_partial) parameters the source lacks (e.g. a
+    supporting-fact head when the source was trained on ZsRE) keep their fresh values, the rest must still match."""
     loaded, loaded_mcfg = checkpoint.load_exported_memory(source, cfg)
     want = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(fresh)[0]}
     got = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-    if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
+    kept_fresh = sorted(want.keys() - got.keys()) if partial else []
+    shared = want.keys() - set(kept_fresh)
+    if not shared <= got.keys() or any(want[k].shape != got[k].shape for k in shared) or not shared:
         diff = {k: (v, getattr(mcfg, k)) for k, v in loaded_mcfg.to_dict().items() if v != getattr(mcfg, k)}
         raise GmemError(f"train.init_memory_from={source}: that memory's parameters do not fit this config's "
                         f"memory (config fields that differ, theirs vs yours: {diff}); use the same memory.* "
-                        "settings")
-    return jax.tree.map(lambda f, x: jnp.asarray(x, f.dtype), fresh, loaded)
+                        "settings" + ("" if partial else ", or train.init_memory_partial=True to start parameters "
+                                      "the source lacks fresh"))
+    if kept_fresh:
+        unused = ", ".join(sorted(got.keys() - want.keys())) or "none"
+        print(f"init_memory_from {source}: {len(shared)} of {len(want)} parameters loaded; fresh (the source lacks "
+              f"them): {', '.join(kept_fresh)}; unused from the source: {unused}", flush=True)
+    flat = [jnp.asarray(got[k], x.dtype) if k in shared else x for k, x in want.items()]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), flat)
 
 
 def _initial_params(config, cfg, mcfg, frozen, examples, cache: Optional[FeatureCache] = None) -> dict:
@@ -201,7 +211,7 @@ def _initial_params(config, cfg, mcfg, frozen, examples, cache: Optional[Feature
     instead of twice (a run shorter than an epoch keeps a few it never trains on)."""
     params = init_memory(jax.random.PRNGKey(config.train.seed), cfg, mcfg)
     if config.train.init_memory_from:
-        return _warm_start(params, config.train.init_memory_from, cfg, mcfg)
+        return _warm_start(params, config.train.init_memory_from, cfg, mcfg, config.train.init_memory_partial)
     if not mcfg.standardize_inputs:
         return params
     sample = collate(list(examples[:256]))

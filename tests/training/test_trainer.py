@@ -117,6 +117,26 @@ def test_warm_start_continues_from_an_exported_memory(tmp_path, standard_run):
     assert "init_memory_from" in _error_line(proc) and "num_slots" in _error_line(proc), proc.stderr[-2000:]
 
 
+def test_partial_warm_start_loads_what_the_source_has_and_starts_the_rest_fresh(tmp_path, standard_run):
+    """train.init_memory_partial: a memory with parameters the source lacks (here the scope gate's) takes every
+    shared parameter from the source bitwise and the new ones as a fresh run of the same seed has them; without
+    the flag the same command is refused in one line that names the flag."""
+    first, gated = standard_run, ("--config.train.steps=2", "--config.memory.standardize_inputs=True",
+                                  "--config.memory.scope_gate=True", "--config.train.learning_rate=0.0")
+    proc = run_train(tmp_path / "strict", *gated, f"--config.train.init_memory_from={first}", check=False)
+    assert proc.returncode == 2 and "init_memory_partial" in _error_line(proc), proc.stderr[-2000:]
+    run_train(tmp_path / "partial", *gated, f"--config.train.init_memory_from={first}",
+              "--config.train.init_memory_partial=True")
+    run_train(tmp_path / "fresh", *gated)
+    source, partial, fresh = exported(first), exported(tmp_path / "partial"), exported(tmp_path / "fresh")
+    new = sorted(partial.keys() - source.keys())
+    assert new and all("scope" in k for k in new), new
+    assert partial.keys() == fresh.keys() and source.keys() < partial.keys()
+    for k in partial:
+        np.testing.assert_array_equal(partial[k], (fresh if k in new else source)[k], err_msg=k)
+    assert any(not np.array_equal(source[k], fresh[k]) for k in source), "source and fresh runs coincide"
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, standard_run):
     run = tmp_path / "run"
     shutil.copytree(standard_run, run)
