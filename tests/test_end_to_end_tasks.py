@@ -335,6 +335,12 @@ def test_memory_reliance_reports_the_scope_gate(shared_data, gpt2_tok, model):
         g = np.asarray(module.apply({"params": mem}, s, q, method=GMemory.scope_gate_value))
         assert 0.01 < g.min() and g.max() < 0.99
         assert rel[f"scope_gate_{name}"] == pytest.approx(float((g * n).sum() / n.sum()), rel=1e-5)
+    # "other_slots": another example's slots under the own summary row: the own gate exactly, other content
+    assert rel["scope_gate_other_slots"] == pytest.approx(rel["scope_gate_own"], rel=1e-6)
+    assert rel["scope_gate_other"] != pytest.approx(rel["scope_gate_own"], rel=1e-3)
+    loud_rel = memory_reliance(examples, frozen, cfg, _loud(mem), mcfg, batch_size=len(examples))
+    assert loud_rel["changed_vs_other_slots"] > 0.0  # the slots read matter once the injection is not zero
+    assert loud_rel["answer_tokens_other"] == loud_rel["answer_tokens"]
     run = functools.partial(predict, examples[:4], gpt2_tok, frozen, cfg, batch_size=4, max_new_tokens=3,
                             show_progress=False)
     loud, plain = _loud(mem), run()

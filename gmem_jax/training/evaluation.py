@@ -191,15 +191,20 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     the total change |written - empty| (L2 per slot; 0 for a context that changed nothing): a write that stores the
     context in a few slots against one that smears it over the whole bank, where any read address finds it.
     `scope_gate_own` / `scope_gate_other` (and per kind; memory.scope_gate only): the mean scope gate g over the
-    answer tokens, reading its own / another example's memory: how much of the injection a question lets in."""
-    states_names = ("own", "other", "empty")
+    answer tokens, reading its own / another example's memory: how much of the injection a question lets in.
+    With memory.scope_gate also the state "other_slots": another example's slots under its own summary row, so the
+    gate is exactly the own one (g depends only on that row and the question) and what changes is the content
+    read: `token_acc_other_slots` / `changed_vs_other_slots` tell a memory whose answers come from what it reads
+    from one whose output only follows the gate (open for its own context, shut for another's)."""
+    scoped = ("other_slots",) if mcfg.scope_gate else ()
+    states_names = ("own", "other", "empty") + scoped
     hits = {k: [] for k in states_names}
     agree = {k: [] for k in states_names}
     kinds: list[np.ndarray] = []
-    changed = {k: [] for k in ("other", "empty")}
+    changed = {k: [] for k in ("other", "empty") + scoped}
     spread: list[np.ndarray] = []
     mass = {k: [] for k in ("own", "other")}
-    gates = {k: [] for k in ("own", "other")} if mcfg.scope_gate else {}
+    gates = {k: [] for k in ("own", "other") + scoped} if mcfg.scope_gate else {}
     written: list[np.ndarray] = []
     has_other: list[np.ndarray] = []  # per answer position: its example has a partner with another context
     for start in range(0, len(examples), batch_size):
@@ -211,6 +216,8 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
         partner = other_context(np.asarray(batch["tokens"][:, :-1]))
         states = {"own": state, "other": state[np.where(partner >= 0, partner, np.arange(len(chunk)))],
                   "empty": initial_state(mem_params, cfg, mcfg, len(chunk))}
+        if scoped:  # the other example's slots, this example's summary row [B, 1, M]: the own gate
+            states["other_slots"] = jnp.concatenate([states["other"][:, :mcfg.num_slots], state[:, mcfg.num_slots:]], 1)
         change = jnp.linalg.norm(state - states["empty"], axis=-1)[:, :mcfg.num_slots]  # [B, S], no summary row
         written.append(np.asarray(slot_spread(change)))
         preds, spreads, masses, seg_gates = {}, {}, {}, {}
@@ -241,7 +248,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     valid = cat(has_other).astype(bool)
 
     def mean(values, state, sel=True):  # "other" figures only where another context was available
-        keep = sel & valid if state == "other" else np.broadcast_to(sel, values.shape)
+        keep = sel & valid if state.startswith("other") else np.broadcast_to(sel, values.shape)
         return float(values[keep].mean()) if keep.any() else float("nan")
 
     out = {f"token_acc_{k}": mean(cat(v), k) for k, v in hits.items()}
