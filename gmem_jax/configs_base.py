@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
         # e.g. the previous stage of a curriculum; its memory.* settings must match
         init_memory_from="",
         # True: parameters this config's memory has and that source lacks (e.g. a supporting-fact head when it was
-        # trained on ZsRE) start fresh; the shared ones must still fit. False refuses any difference
+        # trained on ZsRE) start fresh, and the source's extra ones are left out; the shared ones must still fit.
+        # False refuses any difference
         init_memory_partial=False,
         # per-parameter learning-rate factors, "NAME=FACTOR,...", NAME a top-level memory parameter (e.g.
         # "inject_fuse=0.1": the final injection's fan-in is 2H, so its per-step output change is the largest)

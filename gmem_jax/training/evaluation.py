@@ -192,7 +192,7 @@ def memory_reliance(examples: Sequence[SegmentedExample], frozen: dict, cfg: Bac
     context in a few slots against one that smears it over the whole bank, where any read address finds it.
     `scope_gate_own` / `scope_gate_other` (and per kind; memory.scope_gate only): the mean scope gate g over the
     answer tokens, reading its own / another example's memory: how much of the injection a question lets in.
-    With memory.scope_gate also the state "other_slots": another example's slots under its own summary row, so the
+    With memory.scope_gate also the state "other_slots": another example's slots under this example's own summary row, so the
     gate is exactly the own one (g depends only on that row and the question) and what changes is the content
     read: `token_acc_other_slots` / `changed_vs_other_slots` tell a memory whose answers come from what it reads
     from one whose output only follows the gate (open for its own context, shut for another's)."""

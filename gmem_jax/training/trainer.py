@@ -181,23 +181,26 @@ def _warm_start(fresh: dict, source: str, cfg, mcfg, partial: bool = False) -> d
     """train.init_memory_from: the memory exported by an earlier run (e.g. a curriculum's previous stage, or a
     memory trained on another task), in place of `fresh`. Its input statistics (standardize_inputs) come with it,
     not re-estimated: the weights were trained against them. Refused unless every parameter of `fresh` is in the
-    source with the same shape; with `partial` (train.init_memory_partial) parameters the source lacks (e.g. a
-    supporting-fact head when the source was trained on ZsRE) keep their fresh values, the rest must still match."""
+    source with the same shape and the source has no others; with `partial` (train.init_memory_partial) parameters
+    the source lacks (e.g. a supporting-fact head when the source was trained on ZsRE) keep their fresh values and
+    parameters only the source has are left out; the shared ones must still match."""
     loaded, loaded_mcfg = checkpoint.load_exported_memory(source, cfg)
     want = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(fresh)[0]}
     got = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]}
     kept_fresh = sorted(want.keys() - got.keys()) if partial else []
     shared = want.keys() - set(kept_fresh)
-    if not shared <= got.keys() or any(want[k].shape != got[k].shape for k in shared) or not shared:
+    fits = (shared and shared <= got.keys() and all(want[k].shape == got[k].shape for k in shared)
+            and (partial or want.keys() == got.keys()))
+    if not fits:
         diff = {k: (v, getattr(mcfg, k)) for k, v in loaded_mcfg.to_dict().items() if v != getattr(mcfg, k)}
         raise GmemError(f"train.init_memory_from={source}: that memory's parameters do not fit this config's "
                         f"memory (config fields that differ, theirs vs yours: {diff}); use the same memory.* "
                         "settings" + ("" if partial else ", or train.init_memory_partial=True to start parameters "
-                                      "the source lacks fresh"))
-    if kept_fresh:
-        unused = ", ".join(sorted(got.keys() - want.keys())) or "none"
+                                      "the source lacks fresh and leave out its extra ones"))
+    unused = ", ".join(sorted(got.keys() - want.keys())) or "none"
+    if partial:
         print(f"init_memory_from {source}: {len(shared)} of {len(want)} parameters loaded; fresh (the source lacks "
-              f"them): {', '.join(kept_fresh)}; unused from the source: {unused}", flush=True)
+              f"them): {', '.join(kept_fresh) or 'none'}; unused from the source: {unused}", flush=True)
     flat = [jnp.asarray(got[k], x.dtype) if k in shared else x for k, x in want.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), flat)
 

@@ -120,7 +120,7 @@ def test_warm_start_continues_from_an_exported_memory(tmp_path, standard_run):
 def test_partial_warm_start_loads_what_the_source_has_and_starts_the_rest_fresh(tmp_path, standard_run):
     """train.init_memory_partial: a memory with parameters the source lacks (here the scope gate's) takes every
     shared parameter from the source bitwise and the new ones as a fresh run of the same seed has them; without
-    the flag the same command is refused in one line that names the flag."""
+    the flag the same command is refused in one line that names the flag, as is a source with extra parameters."""
     first, gated = standard_run, ("--config.train.steps=2", "--config.memory.standardize_inputs=True",
                                   "--config.memory.scope_gate=True", "--config.train.learning_rate=0.0")
     proc = run_train(tmp_path / "strict", *gated, f"--config.train.init_memory_from={first}", check=False)
@@ -135,6 +135,10 @@ def test_partial_warm_start_loads_what_the_source_has_and_starts_the_rest_fresh(
     for k in partial:
         np.testing.assert_array_equal(partial[k], (fresh if k in new else source)[k], err_msg=k)
     assert any(not np.array_equal(source[k], fresh[k]) for k in source), "source and fresh runs coincide"
+    # the other way round, a source with parameters this memory lacks: refused unless partial
+    proc = run_train(tmp_path / "extra", "--config.train.steps=2", "--config.memory.standardize_inputs=True",
+                     f"--config.train.init_memory_from={tmp_path / 'partial'}", check=False)
+    assert proc.returncode == 2 and "init_memory_partial" in _error_line(proc), proc.stderr[-2000:]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, standard_run):
