@@ -66,7 +66,7 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer, prom
     else:
         state = initial_state(mem_params, cfg, mcfg, 1)
     if mcfg.scope_gate:  # the question the scope gate matches with what was written
-        query = jax.jit(prompt_query, static_argnums=(3,))(params, prompt_tokens, prompt_mask, cfg)
+        query = jax.jit(prompt_query, static_argnums=(3, 4))(params, prompt_tokens, prompt_mask, cfg, mcfg)
         return generation_hooks(cfg, mcfg), (mem_params, state, query)
     return generation_hooks(cfg, mcfg), (mem_params, state)
 

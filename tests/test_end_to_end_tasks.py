@@ -327,7 +327,7 @@ def test_memory_reliance_reports_the_scope_gate(shared_data, gpt2_tok, model):
     tokens, tmask, lmask = batch["tokens"][:, -1], batch["token_mask"][:, -1], batch["loss_mask"][:, -1]
     prompt = tmask & ((np.cumsum(lmask, -1) - lmask) == 0)
     module = GMemory(mcfg, cfg.hidden_size)
-    q = module.apply({"params": mem}, jnp.asarray(prompt_query(frozen, tokens, prompt, cfg))[:, None],
+    q = module.apply({"params": mem}, jnp.asarray(prompt_query(frozen, tokens, prompt, cfg, mcfg))[:, None],
                      jnp.ones((len(examples), 1), bool), method=GMemory.scope_vector)
     n = (lmask > 0).sum(-1)  # answer tokens per example
     partner = other_context(np.asarray(batch["tokens"][:, :-1]))

@@ -185,8 +185,8 @@ def forward(
     kv_mask: Optional[jax.Array] = None,
     cache: Optional[dict | tuple] = None,
     cache_index: jax.Array | int = 0,
-    layer_hook: Optional[Hook] = None,
-    hook_layer: int = 0,
+    layer_hook: Optional[Hook | tuple[Hook, ...]] = None,
+    hook_layer: int | tuple[int, ...] = 0,
     final_hook: Optional[Hook] = None,
     compute_logits: bool = True,
 ) -> BackboneOutput:
@@ -196,7 +196,9 @@ def forward(
     key slot holds a real token (S = T without a cache, else the cache length; default all True);
     cache / cache_index: a preallocated KV cache and where the T new tokens are written. params['layers'] and
     the cache may both be per-layer tuples (`unstack_layers`) instead of stacked: same result, for decoding.
-    layer_hook is applied to the residual stream entering block `hook_layer` (0 <= hook_layer < L);
+    layer_hook is applied to the residual stream entering block `hook_layer` (0 <= hook_layer < L); a tuple of
+    hooks with a tuple of non-decreasing layers applies each at its layer in that order (layer_aux is then the
+    tuple of their auxes), e.g. one that captures what a memory writes below the one that injects what it reads.
     final_hook to the final-norm output before the LM head. Hooks return (h', aux); aux comes back in the output.
     """
     B, T = tokens.shape
@@ -207,16 +209,21 @@ def forward(
     run = functools.partial(run_layers, params, cfg=cfg, positions=positions, kv_mask=kv_mask,
                             cache_index=cache_index)
     h = embed(params, tokens, positions, cfg)
-    layer_aux = final_aux = None
-    split = cfg.num_layers
-    if layer_hook is not None:
-        if not 0 <= hook_layer < cfg.num_layers:
-            raise ValueError(f"hook_layer={hook_layer} outside [0, {cfg.num_layers})")
-        split = hook_layer
-    h, cache = run(h, start=0, end=split, cache=cache)
-    if layer_hook is not None:
-        h, layer_aux = layer_hook(h)
-        h, cache = run(h, start=split, end=cfg.num_layers, cache=cache)
+    several = isinstance(layer_hook, tuple)
+    hooks = () if layer_hook is None else tuple(zip(hook_layer, layer_hook)) if several else ((hook_layer, layer_hook),)
+    if several and len(hook_layer) != len(layer_hook):
+        raise ValueError(f"{len(layer_hook)} layer hooks but {len(hook_layer)} hook layers; give one layer per hook")
+    start, auxes = 0, []
+    for layer, fn in hooks:
+        if not start <= layer < cfg.num_layers:
+            raise ValueError(f"hook_layer={hook_layer} outside [0, {cfg.num_layers}) or not non-decreasing")
+        h, cache = run(h, start=start, end=layer, cache=cache)
+        h, aux = fn(h)
+        auxes.append(aux)
+        start = layer
+    h, cache = run(h, start=start, end=cfg.num_layers, cache=cache)
+    layer_aux = tuple(auxes) if several else auxes[0] if auxes else None
+    final_aux = None
     h = constrain_batch(final_norm(params, h, cfg))
     if final_hook is not None:
         h, final_aux = final_hook(h)

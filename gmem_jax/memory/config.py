@@ -53,8 +53,9 @@ class MemoryConfig:
       nearly flat, a place token spreading its write over ~900 of 1,024 slots, so every slot held a little of every
       fact; a factor > 1 starts the addresses sharp (docs/results.md, "Why binding fails").
     write_key_source: "write" (default): a token's write key comes from the same hidden states as its value (the
-      write source, `write_layer`). "final" (final injection, not write_attention="tokens"): from the final-norm
-      hidden states the read's queries come from, through the read side's input statistics, so a token's address
+      write source, `write_layer`). "final" (not write_attention="tokens"): from the hidden states the read's
+      queries come from (the final-norm ones; with a residual injection the residual stream entering read_layer),
+      through the read side's input statistics, so a token's address
       is made the way a later question's query is; the value still comes from the write source.
     write_value_shift: 0 (default) or 1 (not write_attention="tokens"): with 1 the address a token offers stores
       the value of the token after it (induction-head style: "... is" -> "Paris"), so a read whose query resembles
@@ -113,10 +114,11 @@ class MemoryConfig:
       no better at telling an edit's questions from unrelated ones (98.5 / 98.4% of the read weight on slots for
       reliability / locality questions), locality 76.8%, 0.6% of edits answered (docs/results.md).
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
-    write_layer: final injection only. -1: the write consumes the same final-norm hidden states the read sees.
+    write_layer: -1: the write consumes the same hidden states the read sees (final injection: the final-norm ones).
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
       "logit lens" view): middle layers still carry which token stands where, which the last layer has largely
-      turned into next-token predictions. The backbone is still untouched, so features stay cacheable.
+      turned into next-token predictions. The backbone is still untouched, so features stay cacheable. With a
+      residual injection k must be <= read_layer (the memory changes nothing below the layer it reads at).
     standardize_inputs: the encoder first maps h -> (h - mu) * inv_sigma per channel, with one (mu, inv_sigma) [H]
       pair for what the read sees and one for what the write sees, trainable and initialised from training data
       (`memory.model.with_input_statistics`). A pretrained LM's last hidden states are dominated by a direction
@@ -199,14 +201,15 @@ class MemoryConfig:
       appearance). The Memory Networks' supervision of which fact to use, moved to where the facts are filed.
     address_oracle_read: False: only the write is biased, so the read has to learn to find the asked person's block
       from the question (does a bound write suffice?).
-    scope_gate: final injection, standardize_inputs. The memory also keeps a summary of what was written (the sum
-      of each written segment's unit-normalised, projected, standardised mean final hidden state: one more row of
+    scope_gate: standardize_inputs. The memory also keeps a summary of what was written (the sum of each written
+      segment's unit-normalised, projected, standardised mean final hidden state (with a residual injection: of the
+      residual stream entering read_layer, what the read sees there): one more row of
       the state, [B, S + 1, M]) and scales the whole injected update of a segment by g = sigmoid(a cos(q, u) + c),
       q the segment's prompt summarised the same way, a and c learned (initial values scope_gate_scale and
       scope_gate_bias); g = 0 while nothing is written, so an empty memory is exactly the frozen model. A scope
       decision from pooled features, SERAC-style: the untrained cosine of such vectors separates ZsRE questions
       about the written edit from unrelated ones (docs/analysis/zsre_scope_probe.py), which no token-level read
-      learned to do. Generation passes the prompt's mean final hidden state (`prompt_query`).
+      learned to do. Generation passes the prompt's pooled features up front (`prompt_query`).
     scope_gate_threshold: scope_gate only. A segment whose g is below it injects nothing (the frozen model exactly),
       one at or above it injects g x the update as before: SERAC's hard in-scope decision (its classifier's output
       against 0.5) on top of the soft gate. The scope loss and the logged gate see g itself, so a threshold in
@@ -274,9 +277,10 @@ class MemoryConfig:
             raise GmemError(f"memory injection {self.injection!r} unknown; choose one of {INJECTIONS}")
         if self.mem_dim % self.num_heads:
             raise GmemError(f"memory mem_dim={self.mem_dim} is not divisible by num_heads={self.num_heads}")
-        if self.write_layer >= 0 and self.injection != "final":
-            raise GmemError("memory write_layer applies to injection='final' only (a residual injection writes from "
-                            "its read_layer); leave write_layer=-1")
+        if self.write_layer > self.read_layer and self.injection != "final":
+            raise GmemError(f"memory write_layer={self.write_layer} is above read_layer={self.read_layer}: a residual "
+                            "injection's write must come from at or below the layer it reads at (whose input the "
+                            "memory does not change); set write_layer <= read_layer, or -1 (write what the read sees)")
         if self.token_gate and self.injection != "final":
             raise GmemError("memory token_gate applies to injection='final' only (residual has its own gate); leave "
                             "token_gate=False")
@@ -298,9 +302,9 @@ class MemoryConfig:
         if self.scope_weight and not (self.read_written_only or self.scope_gate):
             raise GmemError("memory scope_weight needs read_written_only=True or scope_gate=True (what the scope loss "
                             "trains: the read weight on slots, or the scope gate); set one, or scope_weight=0")
-        if self.scope_gate and not (self.injection == "final" and self.standardize_inputs and not self.token_gate):
-            raise GmemError("memory scope_gate needs injection='final' (the gate pools the whole prompt), "
-                            "standardize_inputs=True (its cosine uses the read side's statistics) and token_gate=False")
+        if self.scope_gate and not (self.standardize_inputs and not self.token_gate):
+            raise GmemError("memory scope_gate needs standardize_inputs=True (its cosine uses the read side's "
+                            "statistics) and token_gate=False")
         if not 0 <= self.scope_gate_threshold < 1 or (self.scope_gate_threshold and not self.scope_gate):
             raise GmemError(f"memory scope_gate_threshold={self.scope_gate_threshold} needs scope_gate=True and a "
                             "value in [0, 1) (0 turns it off)")
@@ -355,10 +359,10 @@ class MemoryConfig:
         if self.write_key_mix_init not in ("self", "uniform"):
             raise GmemError(f"memory write_key_mix_init={self.write_key_mix_init!r}: use 'self' (a token's own key) "
                             "or 'uniform' (the mean key of its window)")
-        if self.write_key_source not in ("write", "final") or (self.write_key_source == "final" and (
-                self.injection != "final" or self.write_attention == "tokens")):
+        if self.write_key_source not in ("write", "final") or (self.write_key_source == "final"
+                                                              and self.write_attention == "tokens"):
             raise GmemError(f"memory write_key_source={self.write_key_source!r}: use 'write', or 'final' with "
-                            "injection='final' and write_attention 'keyed' or 'slots'")
+                            "write_attention 'keyed' or 'slots'")
         if self.write_value_shift not in (0, 1) or (self.write_value_shift and self.write_attention == "tokens"):
             raise GmemError(f"memory write_value_shift={self.write_value_shift}: use 0, or 1 with write_attention "
                             "'keyed' or 'slots'")

@@ -98,20 +98,33 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
                                    content_state, scope_mask, scope_query, entity, encoded)
         return h_out, (h, alpha, gate)
 
-    if mcfg.injection != "final":
-        return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
-    hooks = {"final_hook": hook}
+    capture = None
     if frozen is not None and mcfg.write_layer >= 0:
         capture = lambda h: (h, checkpoint_name(backbone.final_norm(frozen, h, cfg), EXTRACT_NAME))  # noqa: E731
+    if mcfg.injection != "final":  # the write's layer is at or below the read's (MemoryConfig checks it)
+        if capture is None:
+            return {"layer_hook": hook, "hook_layer": mcfg.read_layer}
+        return {"layer_hook": (capture, hook), "hook_layer": (mcfg.write_layer, mcfg.read_layer)}
+    hooks = {"final_hook": hook}
+    if capture is not None:
         hooks.update(layer_hook=capture, hook_layer=mcfg.write_layer)
     return hooks
 
 
-def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
-    """From a forward with `memory_hooks(..., frozen)`: (the hidden states the write consumes [B, T, H], the read
-    weights [B, T, S], the token gate [B, T] or None)."""
-    h_read, alpha, gate = out.final_aux if mcfg.injection == "final" else out.layer_aux
-    return (out.layer_aux if mcfg.write_layer >= 0 else h_read), alpha, gate
+def write_source(out: backbone.BackboneOutput, mcfg: MemoryConfig
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
+    """From a forward with `memory_hooks(..., frozen)`: (the hidden states the write consumes [B, T, H], those the
+    read saw [B, T, H] (the final ones, or the residual stream entering read_layer): what the scope gate's summary
+    pools and write_key_source="final" encodes, the read weights [B, T, S], the token gate [B, T] or None)."""
+    if mcfg.injection == "final":
+        h_read, alpha, gate = out.final_aux
+        h_write = out.layer_aux if mcfg.write_layer >= 0 else h_read
+    elif mcfg.write_layer >= 0:
+        h_write, (h_read, alpha, gate) = out.layer_aux
+    else:
+        h_read, alpha, gate = out.layer_aux
+        h_write = h_read
+    return h_write, h_read, alpha, gate
 
 
 def slot_spread(alpha: jax.Array) -> jax.Array:
@@ -169,11 +182,13 @@ def _question_vector(h: jax.Array, token_mask: jax.Array, loss_mask: jax.Array) 
     return masked_mean(h, _prompt_mask(token_mask, loss_mask))
 
 
-def prompt_query(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig) -> jax.Array:
-    """memory.scope_gate's question for generation: the mean final hidden state of the frozen backbone over the
-    prompt's real tokens, tokens/token_mask [B, P] -> [B, H] (`memory_hooks(scope_query=)`), which is what
-    training pools at the same positions."""
-    return masked_mean(frozen_features(frozen, tokens, token_mask, cfg)["features"], token_mask)
+def prompt_query(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: BackboneConfig,
+                 mcfg: MemoryConfig) -> jax.Array:
+    """memory.scope_gate's question for generation: the mean over the prompt's real tokens of what the read sees
+    (the frozen backbone's final hidden states, or with a residual injection the residual stream entering
+    read_layer, which the memory does not change either), tokens/token_mask [B, P] -> [B, H]
+    (`memory_hooks(scope_query=)`), which is what training pools at the same positions."""
+    return masked_mean(input_features(frozen, tokens, token_mask, cfg, mcfg)["read"], token_mask)
 
 
 def forward_segments(
@@ -258,8 +273,7 @@ def forward_segments(
         if feat is None:  # residual injection: the memory changes the backbone's later layers
             out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False, **hooks)
             hidden = out.hidden
-            h_ext, alpha, read_gate = write_source(out, mcfg)
-            h_final = None
+            h_ext, h_final, alpha, read_gate = write_source(out, mcfg)
         else:  # final injection: the frozen backbone's output, computed before the scan or cached ahead of training
             hidden, (h_ext, alpha, read_gate) = hooks["final_hook"](feat["read"])
             h_ext = feat["write"] if mcfg.write_layer >= 0 else h_ext
@@ -451,9 +465,15 @@ def input_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: 
     input), 'write': [B, T, H] (the write's source)}, before any memory is injected."""
     if mcfg.injection == "final":
         return encoder_inputs(frozen_features(frozen, tokens, token_mask, cfg, mcfg.write_layer))
+    read = lambda h: (h, h)  # noqa: E731
+    if mcfg.write_layer < 0:
+        out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
+                               hook_layer=mcfg.read_layer, layer_hook=read)
+        return {"read": out.layer_aux, "write": out.layer_aux}
+    write = lambda h: (h, backbone.final_norm(frozen, h, cfg))  # noqa: E731
     out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
-                           hook_layer=mcfg.read_layer, layer_hook=lambda h: (h, h))
-    return {"read": out.layer_aux, "write": out.layer_aux}
+                           hook_layer=(mcfg.write_layer, mcfg.read_layer), layer_hook=(write, read))
+    return {"read": out.layer_aux[1], "write": out.layer_aux[0]}
 
 
 def encoder_inputs(features: dict) -> dict:
@@ -510,8 +530,7 @@ def write_context(mem_params: dict, frozen: dict, tokens: jax.Array, token_mask:
         ent = ent if ent.shape[-1] else None
         out = backbone.forward(frozen, tok, cfg, kv_mask=msk, compute_logits=False,
                                **memory_hooks(mem_params, state, cfg, mcfg, frozen, scope_mask=msk, entity=ent))
-        h_ext, _, _ = write_source(out, mcfg)
-        h_final = out.final_aux[0] if mcfg.injection == "final" else None
+        h_ext, h_final, _, _ = write_source(out, mcfg)
         return _call(mem_params, cfg, mcfg, GMemory.write, state, h_ext, msk, None, False, h_final, False, ent)[0], None
 
     state, _ = jax.lax.scan(seg_step, state, tuple(jnp.swapaxes(x, 0, 1) for x in (tokens, token_mask, entity)))

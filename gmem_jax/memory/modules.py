@@ -42,10 +42,11 @@ The memory never sees backbone internals: it takes hidden states [B, T, H] and r
                         inject_read_only: h' = h + W_r r, from an all-zero initial memory through a decoder with
                         no biases or LayerNorm, so reading nothing written injects exactly nothing;
                         scope_gate: h' = h + g (the whole update), one g per example and segment, below)
-             residual: h' = h + g * r, g [H] = 0 at init
+             residual: h' = h + g * r, g [H] = 0 at init (scope_gate: h' = h + g_scope g * r)
     importance: s = sigmoid(MLP(Mem)) per slot                                      [B, S]
     scope_gate: the state gains a row [B, S + 1, M] holding u = sum over written segments of unit(P x_seg), x_seg the
-             segment's standardised mean final hidden state (P: H -> M, no bias); a segment whose question vector
+             segment's standardised mean final hidden state (residual injection: of the residual stream the read
+             sees) (P: H -> M, no bias); a segment whose question vector
              q = unit(P x_q) (mean over its prompt) has g = sigmoid(a cos(q, u) + c), a and c learned scalars, and
              g = 0 while nothing is written (the frozen model exactly)
 """
@@ -564,7 +565,8 @@ class GMemory(nn.Module):
                 update = scope[..., None] * update
             out = h.astype(jnp.float32) + update.astype(jnp.float32)
         else:
-            out = h.astype(jnp.float32) + self.inject_gate * r
+            update = self.inject_gate * r
+            out = h.astype(jnp.float32) + (update if scope is None else scope[..., None] * update)
         return out.astype(h.dtype), token_gate
 
     # ---- supporting facts --------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def _memory_pass(mem_params, frozen, batch, cfg, mcfg, use_memory):
     return out.predictions[:, -1], out.positions[:, -1], out.sp_logits, state
 
 
-_prompt_query = jax.jit(prompt_query, static_argnums=(3,))
+_prompt_query = jax.jit(prompt_query, static_argnums=(3, 4))
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -123,7 +123,7 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             hooks = hook_state = None
         prompt, prompt_mask = _left_padded_prompts(batch)
         if mem_params is not None and mcfg.scope_gate:  # a decode step sees one token: pool the prompt up front
-            hook_state = hook_state + (_prompt_query(frozen, prompt, prompt_mask, cfg),)
+            hook_state = hook_state + (_prompt_query(frozen, prompt, prompt_mask, cfg, mcfg),)
         result = generation.generate(frozen, cfg, prompt, prompt_mask, max_new_tokens=max_new_tokens,
                                      eos_ids=() if eos is None else (int(eos),), hooks=hooks, hook_state=hook_state)
         new_tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)

@@ -6,7 +6,8 @@ import pytest
 
 from gmem_jax import generation
 from gmem_jax.backbones.loading import load_backbone
-from gmem_jax.backbones.model import forward, init_cache, stack_layers, unstack_layers
+from gmem_jax.backbones.model import (embed, final_norm, forward, init_cache, lm_logits, run_layers, stack_layers,
+                                      unstack_layers)
 from gmem_jax.errors import GmemError
 from gmem_jax.generation import extend, generate, sample_token
 from hf_oracle import hf_greedy
@@ -103,6 +104,34 @@ def test_hooks_apply_to_prefill_and_every_decoded_token(llama, highest_precision
         ref = naive_greedy(params, cfg, p, 8, hooks, state)
         assert row(out, b) == ref
         assert ref != naive_greedy(params, cfg, p, 8)  # the hooks really change the continuation
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (1, 1)])
+def test_several_layer_hooks_apply_in_order_at_their_layers(llama, highest_precision, layers):
+    """layer_hook / hook_layer as tuples: each hook sees the residual stream entering its block after the earlier
+    hooks' changes (the same block twice: in the order given); layer_aux is the tuple of their auxes. Oracle: the
+    blocks run by hand between the hooks."""
+    cfg, params, _ = llama
+    assert cfg.num_layers > max(layers)  # a block above the last hook still runs
+    rs = np.random.RandomState(4)
+    delta = jnp.asarray(rs.normal(size=cfg.hidden_size), jnp.float32)
+    tokens = jnp.asarray(random_prompts([6, 6], seed=3))
+    hooks = (lambda h: (h + delta, h), lambda h: (1.5 * h, h))
+    out = forward(params, tokens, cfg, layer_hook=hooks, hook_layer=layers)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    run = lambda h, a, b: run_layers(params, h, cfg, a, b, positions=positions,  # noqa: E731
+                                     kv_mask=jnp.ones((2, 6), bool))[0]
+    h0 = run(embed(params, tokens, positions, cfg), 0, layers[0])
+    h1 = run(h0 + delta, layers[0], layers[1])
+    ref = lm_logits(params, final_norm(params, run(1.5 * h1, layers[1], cfg.num_layers), cfg), cfg)
+    np.testing.assert_allclose(out.logits, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.layer_aux[0], h0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.layer_aux[1], h1, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(out.logits) - np.asarray(forward(params, tokens, cfg).logits)).max() > 1e-2
+    with pytest.raises(ValueError, match="not non-decreasing"):
+        forward(params, tokens, cfg, layer_hook=hooks, hook_layer=layers[::-1] if layers[0] != layers[1] else (1, 0))
+    with pytest.raises(ValueError, match="one layer per hook"):
+        forward(params, tokens, cfg, layer_hook=hooks, hook_layer=(1,))
 
 
 def test_per_layer_layout_equals_the_layer_scan(llama, highest_precision):

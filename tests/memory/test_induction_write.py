@@ -82,9 +82,41 @@ def test_final_key_source_takes_addresses_from_the_final_states_only():
 def test_induction_write_config_errors():
     with pytest.raises(GmemError, match="write_key_source='nope'"):
         small_memory("final", write_attention="keyed", write_key_source="nope")
-    with pytest.raises(GmemError, match="write_key_source='final': use 'write', or 'final' with injection='final'"):
-        small_memory("residual", write_attention="keyed", write_key_source="final")
+    with pytest.raises(GmemError, match="write_key_source='final': use 'write', or 'final' with write_attention"):
+        small_memory("residual", write_key_source="final")  # the default write attention is "tokens"
+    small_memory("residual", write_attention="keyed", write_key_source="final")  # keys from what the read sees
     with pytest.raises(GmemError, match="write_value_shift=1: use 0, or 1 with write_attention"):
         small_memory("final", write_value_shift=1)  # the default write attention is "tokens"
     with pytest.raises(GmemError, match="write_value_shift=2"):
         small_memory("final", write_attention="keyed", write_value_shift=2)
+
+
+def test_residual_induction_write_stores_embeddings_under_the_read_layers_keys():
+    """Residual injection with write_layer=0 and write_key_source='final' (the ZsRE induction recipe with the read at
+    a middle block): `write_context` writes the values of block 0's input (the token embeddings) through the final
+    norm, and the keys and scope summary of the residual stream entering read_layer, which the memory's own read
+    there does not change. Oracle: `GMemory.write` on those arrays computed by hand, state written with a live
+    injection (so a wrong source, e.g. the stream after the injection, would differ)."""
+    from gmem_jax.backbones.model import embed, final_norm, forward
+    from gmem_jax.memory.model import write_context
+
+    from memory_testlib import perturbed_memory, random_batch
+    cfg, frozen = tiny_backbone("llama")
+    mcfg = small_memory("residual", read_layer=2, write_attention="keyed", write_layer=0, write_key_source="final",
+                        write_value_shift=1, write_key_window=3, standardize_inputs=True, scope_gate=True)
+    mem = dict(perturbed_memory(cfg, mcfg, scale=1.0), scope_bias=jnp.float32(3.0))
+    b = random_batch(cfg, N=2)
+    tokens, mask = jnp.asarray(b["tokens"]), jnp.asarray(b["token_mask"])
+    state = np.asarray(jax.jit(write_context, static_argnums=(4, 5))(mem, frozen, tokens, mask, cfg, mcfg))
+    call = lambda *a, **k: memory_module(cfg, mcfg).apply({"params": mem}, *a, **k)  # noqa: E731
+    expect = call(3, method=GMemory.initial_state)
+    for k in range(2):
+        tok, msk = tokens[:, k], mask[:, k]
+        positions = jnp.broadcast_to(jnp.arange(tok.shape[1]), tok.shape)
+        values = final_norm(frozen, embed(frozen, tok, positions, cfg), cfg)
+        keys = forward(frozen, tok, cfg, kv_mask=msk, layer_hook=lambda h: (h, h), hook_layer=2).layer_aux
+        expect = call(expect, values, msk, None, False, keys, method=GMemory.write)[0]
+    np.testing.assert_allclose(state, np.asarray(expect), rtol=1e-5, atol=1e-6)
+    assert np.abs(state[:, :-1] - np.asarray(call(3, method=GMemory.initial_state))[:, :-1]).max() > 1e-2
+    with pytest.raises(GmemError, match="write_layer=2 is above read_layer=1"):
+        small_memory("residual", read_layer=1, write_layer=2)

@@ -44,14 +44,16 @@ def test_greedy_decoding_with_an_induction_write_matches_the_segment_loop():
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
 
 
-@pytest.mark.parametrize("read_only", [False, True])
-def test_greedy_decoding_with_a_scope_gate_matches_the_segment_loop(read_only):
+@pytest.mark.parametrize("injection, read_only", [("final", False), ("final", True), ("residual", False)])
+def test_greedy_decoding_with_a_scope_gate_matches_the_segment_loop(injection, read_only):
     """memory.scope_gate: generation pools the prompt up front (`prompt_query`), training pools the same positions
     of the teacher-forced segment (before its first loss target), so the gate and the tokens agree; a gate that
-    also pooled the answer tokens would not."""
+    also pooled the answer tokens would not. Residual: the ZsRE induction recipe's write (values from block 0's
+    input, keys from what the read sees at read_layer, captured by a second hook below the read's)."""
     cfg, frozen = tiny_backbone("llama")
-    mcfg = small_memory("final", write_attention="keyed", standardize_inputs=True, scope_gate=True,
-                        inject_read_only=read_only)
+    induction = dict(write_layer=0, write_key_source="final", write_value_shift=1, write_key_window=3)
+    mcfg = small_memory(injection, write_attention="keyed", standardize_inputs=True, scope_gate=True,
+                        inject_read_only=read_only, **(induction if injection == "residual" else {}))
     mem = dict(perturbed_memory(cfg, mcfg, scale=1.0), scope_scale=jnp.float32(4.0), scope_bias=jnp.float32(0.0))
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem)
 
@@ -83,7 +85,7 @@ def assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem):
     prompt = b["tokens"][:, -1, :P]
     hook_state = (mem, state)
     if mcfg.scope_gate:
-        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones((B, P), bool), cfg),)
+        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones((B, P), bool), cfg, mcfg),)
     gen = generation.generate(frozen, cfg, prompt, np.ones((B, P), bool), max_new_tokens=G, eos_ids=(),
                               hooks=generation_hooks(cfg, mcfg), hook_state=hook_state)
     new = np.asarray(gen.tokens)
@@ -148,7 +150,7 @@ def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, sha
     prompt = np.asarray([tok("Where is John?")["input_ids"]], np.int32)
     hook_state = (mem, state)
     if scope_gate:
-        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), cfg),)
+        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones(prompt.shape, bool), cfg, mcfg),)
         g = GMemory(mcfg, cfg.hidden_size).apply({"params": mem}, state, GMemory(mcfg, cfg.hidden_size).apply(
             {"params": mem}, hook_state[2][:, None], jnp.ones((1, 1), bool), method=GMemory.scope_vector),
             method=GMemory.scope_gate_value)

@@ -15,16 +15,27 @@ from gmem_jax.memory.modules import GMemory
 from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone
 
 
-def _scoped(**kw):
-    return small_memory("final", write_attention="keyed", standardize_inputs=True, scope_gate=True, **kw)
+def _scoped(injection="final", **kw):
+    return small_memory(injection, write_attention="keyed", standardize_inputs=True, scope_gate=True, **kw)
+
+
+def _read_features(frozen, tokens, mask, cfg, mcfg):
+    """What the read sees, [B, T, H] float64: the final hidden states, or the residual stream entering read_layer."""
+    if mcfg.injection == "final":
+        return np.asarray(frozen_features(frozen, tokens, mask, cfg)["features"], np.float64)
+    out = forward(frozen, tokens, cfg, kv_mask=mask, layer_hook=lambda h: (h, h), hook_layer=mcfg.read_layer)
+    return np.asarray(out.layer_aux, np.float64)
 
 
 def _memory(cfg, mcfg, scale=2.0, bias=-0.5):
     mem = perturbed_memory(cfg, mcfg, scale=1.0)
     rng = np.random.default_rng(3)
     H = cfg.hidden_size
-    return dict(mem, read_mean=jnp.asarray(rng.normal(size=H), jnp.float32),
-                read_inv_std=jnp.asarray(rng.uniform(0.5, 2.0, H), jnp.float32),
+    # statistics of the size of what the read sees: the tiny model's residual stream is ~0.02 per channel, its
+    # final (normed) states ~1; a mean of another scale would dominate every pooled vector alike
+    size = 0.02 if mcfg.injection == "residual" else 1.0
+    return dict(mem, read_mean=jnp.asarray(size * rng.normal(size=H), jnp.float32),
+                read_inv_std=jnp.asarray(rng.uniform(0.5, 2.0, H) / size, jnp.float32),
                 scope_scale=jnp.float32(scale), scope_bias=jnp.float32(bias))
 
 
@@ -35,17 +46,19 @@ def _unit_proj(mem, h, w):
     return z / np.linalg.norm(z, axis=-1, keepdims=True)
 
 
-def test_summary_row_and_gate_match_numpy():
+@pytest.mark.parametrize("injection", ["final", "residual"])
+def test_summary_row_and_gate_match_numpy(injection):
+    """With a residual injection the summary and the question pool the residual stream the read sees (read_layer's
+    input), as the write does with write_layer=0 below it."""
     cfg, frozen = tiny_backbone("llama")
-    mcfg = _scoped()
+    mcfg = _scoped(injection, **(dict(write_layer=0) if injection == "residual" else {}))
     mem = _memory(cfg, mcfg)
     b = random_batch(cfg)
     b["token_mask"][0, 1] = False  # an empty context segment adds nothing to the summary
     state = np.asarray(jax.jit(write_context, static_argnums=(4, 5))(mem, frozen, b["tokens"][:, :2],
                                                                    b["token_mask"][:, :2], cfg, mcfg))
     assert state.shape == (3, mcfg.num_slots + 1, mcfg.mem_dim)
-    feats = [np.asarray(frozen_features(frozen, b["tokens"][:, k], b["token_mask"][:, k], cfg)["features"], np.float64)
-             for k in range(3)]
+    feats = [_read_features(frozen, b["tokens"][:, k], b["token_mask"][:, k], cfg, mcfg) for k in range(3)]
     u = sum(np.where(b["token_mask"][:, k].any(-1)[:, None], _unit_proj(mem, feats[k], b["token_mask"][:, k]), 0.0)
             for k in range(2))
     np.testing.assert_allclose(state[:, -1], u, rtol=1e-4, atol=1e-5)
@@ -62,9 +75,10 @@ def test_summary_row_and_gate_match_numpy():
     assert np.ptp(expect) > 0.05  # the gate differs between examples: the test can tell them apart
 
 
-def test_empty_memory_is_exactly_the_frozen_model_even_with_a_live_injection():
+@pytest.mark.parametrize("injection", ["final", "residual"])
+def test_empty_memory_is_exactly_the_frozen_model_even_with_a_live_injection(injection):
     cfg, frozen = tiny_backbone("llama")
-    mcfg = _scoped()
+    mcfg = _scoped(injection)
     mem = _memory(cfg, mcfg, scale=0.0, bias=10.0)  # g = sigmoid(10) once anything is written
     tokens = jnp.asarray(random_batch(cfg)["tokens"][:, 2])
     mask = jnp.ones(tokens.shape, bool)
@@ -73,7 +87,13 @@ def test_empty_memory_is_exactly_the_frozen_model_even_with_a_live_injection():
     identity = {k: (lambda h: (h, None)) if k.endswith("hook") else v  # the same program minus the memory
                 for k, v in memory_hooks(mem, empty, cfg, mcfg).items()}
     plain = np.asarray(jax.jit(lambda t: forward(frozen, t, cfg, **identity).logits)(tokens))
-    np.testing.assert_array_equal(np.asarray(run(mem, empty)), plain)
+    if injection == "final":
+        np.testing.assert_array_equal(np.asarray(run(mem, empty)), plain)
+    else:  # the hook adds exactly 0; the blocks above it, fused with that add, round differently (~1e-7)
+        h = jnp.asarray(np.random.default_rng(5).normal(size=(3, tokens.shape[1], cfg.hidden_size)), jnp.float32)
+        hook = memory_hooks(mem, empty, cfg, mcfg, scope_mask=mask)["layer_hook"]
+        np.testing.assert_array_equal(np.asarray(hook(h)[0]), np.asarray(h))
+        np.testing.assert_allclose(np.asarray(run(mem, empty)), plain, rtol=0, atol=1e-6)
     b = random_batch(cfg)
     written = write_context(mem, frozen, b["tokens"][:, :1], b["token_mask"][:, :1], cfg, mcfg)
     assert np.abs(np.asarray(run(mem, written)) - plain).max() > 1e-2
@@ -122,10 +142,12 @@ def _segment_gates(mem, frozen, b, cfg, mcfg):
 
 
 def test_scope_gate_config_and_call_errors():
-    with pytest.raises(GmemError, match="scope_gate needs injection='final'"):
+    with pytest.raises(GmemError, match="scope_gate needs standardize_inputs=True"):
         MemoryConfig(scope_gate=True)  # standardize_inputs off
     with pytest.raises(GmemError, match="scope_gate needs"):
         MemoryConfig(scope_gate=True, standardize_inputs=True, token_gate=True)
+    with pytest.raises(GmemError, match="write_layer=2 is above read_layer=1"):
+        _scoped("residual", write_layer=2)
     MemoryConfig(scope_gate=True, standardize_inputs=True, scope_weight=1.0)  # the scope loss trains the gate
     cfg, frozen = tiny_backbone("llama")
     mcfg = _scoped()
