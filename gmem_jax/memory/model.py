@@ -465,15 +465,12 @@ def input_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: 
     input), 'write': [B, T, H] (the write's source)}, before any memory is injected."""
     if mcfg.injection == "final":
         return encoder_inputs(frozen_features(frozen, tokens, token_mask, cfg, mcfg.write_layer))
-    read = lambda h: (h, h)  # noqa: E731
-    if mcfg.write_layer < 0:
-        out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
-                               hook_layer=mcfg.read_layer, layer_hook=read)
-        return {"read": out.layer_aux, "write": out.layer_aux}
-    write = lambda h: (h, backbone.final_norm(frozen, h, cfg))  # noqa: E731
+    # the read layer's input, and with a write_layer (<= read_layer) that block's input through the final norm
+    hooks = ((lambda h: (h, backbone.final_norm(frozen, h, cfg))),) if mcfg.write_layer >= 0 else ()
+    layers = (mcfg.write_layer,) if hooks else ()
     out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
-                           hook_layer=(mcfg.write_layer, mcfg.read_layer), layer_hook=(write, read))
-    return {"read": out.layer_aux[1], "write": out.layer_aux[0]}
+                           hook_layer=layers + (mcfg.read_layer,), layer_hook=hooks + ((lambda h: (h, h)),))
+    return {"read": out.layer_aux[-1], "write": out.layer_aux[0]}
 
 
 def encoder_inputs(features: dict) -> dict:
