@@ -4,7 +4,8 @@
       evaluate the memory trained in DIR on the config's eval split next to its baselines, in one harness:
         memory      the trained memory (context written into memory, every token reads it)
         no_memory   the same trainable modules trained with memory disabled (from --baseline_workdir, a run of
-                    the same config with --config.train.use_memory=False)
+                    the same config with --config.train.use_memory=False; such a run given as --workdir alone
+                    is scored as no_memory, and each workdir given in the wrong role is refused)
         frozen      the frozen backbone alone, question only
         in_prompt   the frozen backbone with as much context as fits in its prompt (last segment); skipped
                     with --config.eval.baselines=False (the frozen column stays: locality is judged against it)
@@ -28,19 +29,30 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from gmem_jax.errors import GmemError
+
 
 def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> dict:
     from gmem_jax.training import builders
-    from gmem_jax.training.checkpoint import load_exported_memory
+    from gmem_jax.training.checkpoint import load_exported_memory, trained_with_memory
     from gmem_jax.training.evaluation import compare_systems, eval_memory_config
 
+    # A twin's parameters were trained to work with nothing written: scored with a memory they would be neither
+    # system, so each workdir is checked for the role it is given (or, alone, scored in its own role).
+    with_memory = trained_with_memory(workdir)
+    if not with_memory and baseline_workdir is not None:
+        raise GmemError(f"--workdir {workdir} was trained with train.use_memory=False (a no-memory twin); pass the "
+                        "memory run as --workdir and the twin as --baseline_workdir")
+    if baseline_workdir is not None and trained_with_memory(baseline_workdir):
+        raise GmemError(f"--baseline_workdir {baseline_workdir} was trained with its memory; the baseline is a run "
+                        "of the same config with --config.train.use_memory=False")
     mesh = builders.build_mesh(config)
     task = builders.build_task(config)
     tokenizer = builders.build_tokenizer(config, task)
     cfg, frozen, backbone_id = builders.build_backbone(config, mesh, tokenizer)
     params, mcfg = load_exported_memory(workdir, cfg)
     mcfg = eval_memory_config(config, mcfg)
-    trained = {"memory": (params, mcfg, True)}
+    trained = {"memory" if with_memory else "no_memory": (params, mcfg, with_memory)}
     if baseline_workdir is not None:
         bparams, bmcfg = load_exported_memory(baseline_workdir, cfg)
         trained["no_memory"] = (bparams, bmcfg, False)  # nothing written: a scope gate would be 0 anyway
@@ -53,9 +65,12 @@ def evaluate_workdirs(config, workdir: Path, baseline_workdir: Path | None) -> d
 def reliance_workdir(config, workdir: Path) -> dict:
     """`memory_reliance` of the memory trained in `workdir` on the config's eval examples (memory layout)."""
     from gmem_jax.training import builders
-    from gmem_jax.training.checkpoint import load_exported_memory
+    from gmem_jax.training.checkpoint import load_exported_memory, trained_with_memory
     from gmem_jax.training.evaluation import eval_memory_config, memory_reliance
 
+    if not trained_with_memory(workdir):
+        raise GmemError(f"--workdir {workdir} was trained with train.use_memory=False: it has no memory to rely "
+                        "on; probe the memory run")
     _, _, cfg, frozen, examples = builders.eval_setup(config)
     params, mcfg = load_exported_memory(workdir, cfg)
     return memory_reliance(examples, frozen, cfg, params, eval_memory_config(config, mcfg),
@@ -88,7 +103,6 @@ def _plot_main(argv: Sequence[str]) -> int:
 
 
 def _curves_main(argv: Sequence[str]) -> int:
-    from gmem_jax.errors import GmemError
     from gmem_jax.training.monitor import plot_run_curves
 
     files = _labelled_files(argv, "curves", "metrics.jsonl", "point LABEL= at a training run directory")
@@ -108,7 +122,6 @@ def _model_main(argv) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from gmem_jax.errors import GmemError
     from gmem_jax.training.evaluation import markdown_table
 
     config = config_flags.DEFINE_config_file("config", None, "configs/X.py used to train the memory")
@@ -125,9 +138,9 @@ def _model_main(argv) -> int:
         logging.set_verbosity(logging.WARNING)
         try:
             if probe.value:
+                rel = reliance_workdir(config.value, Path(workdir.value))
                 out = Path(output_dir.value or workdir.value)
                 out.mkdir(parents=True, exist_ok=True)
-                rel = reliance_workdir(config.value, Path(workdir.value))
                 (out / "reliance.json").write_text(json.dumps(rel, indent=2, sort_keys=True))
                 print(json.dumps(rel, indent=2, sort_keys=True))
                 sys.exit(0)

@@ -245,3 +245,18 @@ def load_exported_memory(workdir: str | Path, cfg) -> tuple[dict, Any]:
                         f"{meta.get('backbone_fingerprint')}), not this config's ({cfg.fingerprint()}); use it "
                         "with the config it was trained with")
     return params, MemoryConfig.from_dict(meta["memory"])
+
+
+def trained_with_memory(workdir: str | Path) -> bool:
+    """Whether the run in `workdir` (a run's directory or its memory_export folder) trained with its memory
+    (train.use_memory), or is a no-memory twin whose parameters mean nothing with a memory written. Read from the
+    export (runs since 2026-12-07), else from the run's resolved config.json; True when neither says."""
+    workdir = Path(workdir)
+    export = workdir / "memory_export" if (workdir / "memory_export").is_dir() else workdir
+    meta_file, run_config = export / MEMORY_CONFIG, export.parent / "config.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if "use_memory" in meta:
+        return bool(meta["use_memory"])
+    if run_config.is_file():
+        return bool(json.loads(run_config.read_text()).get("train", {}).get("use_memory", True))
+    return True

@@ -120,7 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     # Collective on every process (a jitted step over global arrays; gathering params): process 0 writes.
     usage, gate = _memory_stats(state["params"], frozen, cfg, mcfg, iterator, mesh, tc.use_memory)
     checkpoint.export_params(state["params"], {"memory": mcfg.to_dict(), "backbone_id": backbone_id,
-                                               "backbone_fingerprint": cfg.fingerprint()}, workdir / "memory_export")
+                                               "backbone_fingerprint": cfg.fingerprint(),
+                                               "use_memory": bool(tc.use_memory)}, workdir / "memory_export")
     result: dict[str, Any] = {}
     comparison = None
     if config.eval.enabled:

@@ -16,6 +16,7 @@ import pytest
 
 from gmem_jax.errors import GmemError
 from gmem_jax.training.checkpoint import (CheckpointStore, export_params, import_params, install_preemption_handler,
+                                         trained_with_memory,
                                           run_identity)
 from gmem_jax.training.sharding import make_mesh, memory_rules, tree_shardings
 from trainer_testlib import run_env
@@ -192,3 +193,16 @@ def test_export_import_round_trip(tmp_path):
         import_params(tmp_path / "nowhere")
     with pytest.raises(GmemError, match="without '/'"):
         export_params({"a/b": np.zeros(2)}, {}, tmp_path / "bad")
+
+
+@pytest.mark.parametrize("exported, resolved, want", [
+    (True, False, True), (False, True, False),  # the export's record wins over the run's config
+    (None, False, False), (None, True, True),  # exports before 2026-12-07 lack it: the run's config.json says
+    (None, None, True)])  # an export on its own (no run around it): a memory run
+def test_trained_with_memory_reads_the_export_then_the_runs_config(tmp_path, exported, resolved, want):
+    meta = {"memory": {}} if exported is None else {"memory": {}, "use_memory": exported}
+    export_params({"w": np.zeros(2)}, meta, tmp_path / "memory_export")
+    if resolved is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"train": {"use_memory": resolved}}))
+    assert trained_with_memory(tmp_path) is want
+    assert trained_with_memory(tmp_path / "memory_export") is want
