@@ -49,11 +49,14 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer, prom
     import jax
     import numpy as np
 
-    from gmem_jax.training.checkpoint import load_exported_memory
+    from gmem_jax.training.checkpoint import load_exported_memory, trained_with_memory
     from gmem_jax.memory.model import initial_state, prompt_query, write_context
     from gmem_jax.training.evaluation import generation_hooks
 
     mem_params, mcfg = load_exported_memory(Path(args.memory_checkpoint), cfg)
+    if args.context and not trained_with_memory(args.memory_checkpoint):
+        raise GmemError(f"--memory-checkpoint {args.memory_checkpoint} is a no-memory twin (trained with "
+                        "train.use_memory=False, nothing ever written): drop --context, or attach a memory run")
     if args.context:
         ids = tokenizer(args.context, add_special_tokens=False)["input_ids"]
         T = args.segment_len

@@ -161,6 +161,14 @@ def test_generate_cli_writes_context_into_a_trained_memory(tmp_path, capsys, sha
     # --context without a memory is refused with one line
     assert main(["--model", str(model_dir), "--prompt", "x", "--context", "y"]) == 2
     assert "needs --memory-checkpoint" in capsys.readouterr().err
+    # a no-memory twin was trained with nothing written: --context is refused, its empty bank is allowed
+    export_params(mem, {"memory": mcfg.to_dict(), "backbone_id": "tiny", "backbone_fingerprint": cfg.fingerprint(),
+                        "use_memory": False}, tmp_path / "twin")
+    twin = args[:args.index("--memory-checkpoint")] + ["--memory-checkpoint", str(tmp_path / "twin")]
+    assert main(twin + ["--context", "John went to the kitchen."]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-memory twin" in err and err.count("\n") == 1
+    assert main(twin) == 0 and json.loads(capsys.readouterr().out)["token_ids"]
 
 
 @pytest.mark.parametrize("use_memory", [True, False])
