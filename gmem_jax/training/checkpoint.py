@@ -217,10 +217,7 @@ def import_params(path_dir: str | Path) -> tuple[dict, dict]:
         if not (path_dir / name).is_file():
             raise GmemError(f"{path_dir / name} not found: point to a directory written by export_params "
                             f"(it holds {MEMORY_WEIGHTS} and {MEMORY_CONFIG})")
-    try:
-        config = json.loads((path_dir / MEMORY_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise GmemError(f"{path_dir / MEMORY_CONFIG} is not valid JSON ({e}); re-export the memory") from None
+    config = _read_json(path_dir / MEMORY_CONFIG, "re-export the memory")
     params: dict = {}
     for name, value in load_file(str(path_dir / MEMORY_WEIGHTS)).items():
         node = params
@@ -254,9 +251,16 @@ def trained_with_memory(workdir: str | Path) -> bool:
     workdir = Path(workdir)
     export = workdir / "memory_export" if (workdir / "memory_export").is_dir() else workdir
     meta_file, run_config = export / MEMORY_CONFIG, export.parent / "config.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta = _read_json(meta_file, "re-export the memory") if meta_file.is_file() else {}
     if "use_memory" in meta:
         return bool(meta["use_memory"])
     if run_config.is_file():
-        return bool(json.loads(run_config.read_text()).get("train", {}).get("use_memory", True))
+        return bool(_read_json(run_config, "restore it from the run").get("train", {}).get("use_memory", True))
     return True
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GmemError(f"{path} is not valid JSON ({e}); {fix}") from None

@@ -206,3 +206,7 @@ def test_trained_with_memory_reads_the_export_then_the_runs_config(tmp_path, exp
         (tmp_path / "config.json").write_text(json.dumps({"train": {"use_memory": resolved}}))
     assert trained_with_memory(tmp_path) is want
     assert trained_with_memory(tmp_path / "memory_export") is want
+    if resolved is not None:  # a damaged file is a one-line error, not a traceback
+        (tmp_path / "memory_export" / "memory_config.json").write_text("{")
+        with pytest.raises(GmemError, match="memory_config.json is not valid JSON"):
+            trained_with_memory(tmp_path)
