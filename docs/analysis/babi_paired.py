@@ -1,0 +1,65 @@
+"""Two systems on the same bAbI questions, question by question (an analysis script for docs/results.md, not part
+of the package; no model is run).
+
+    python docs/analysis/babi_paired.py BABI_DIR A_DIR[:SYSTEM] B_DIR[:SYSTEM] [A_DIR[:SYSTEM] B_DIR[:SYSTEM] ...]
+
+BABI_DIR is the bAbI en-10k folder (../shared/data/babi/en-10k), for the gold answers. The other arguments come in
+pairs (A, B); each is a `python -m gmem_jax.evaluate` output directory (its eval_results.json)
+and the system to read from it (default: `memory`, else `no_memory` for a twin scored alone). Both must hold the
+same questions. Per pair: each system's exact-match count, the questions only A / only B / both got right, and the
+exact two-sided McNemar p-value (a binomial test on the questions where the two disagree): the chance of a split at
+least this uneven if both systems were equally good on these questions. With 100 questions, a 16-point gap can be
+anything from certain to noise depending on how many questions the two systems share.
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+from gmem_jax.tasks.babi import BabiTask
+from gmem_jax.tasks.metrics import exact_match
+
+
+def gold_answers(babi_dir: str, task: int) -> dict:
+    """Question id (as the babilong examples' meta['id']) -> gold answer, for one bAbI task's test split."""
+    return {f"qa{task}-test-{q.story}-{q.line}": q.answer
+            for q in BabiTask(babi_dir, tasks=(task,)).questions("test", task)}
+
+
+def load(arg: str, babi_dir: str) -> tuple[str, dict]:
+    """'DIR[:SYSTEM]' -> (label, {question id: exactly right?})."""
+    path, _, system = arg.partition(":")
+    preds = json.loads((Path(path) / "eval_results.json").read_text())["predictions"]
+    system = system or ("memory" if "memory" in preds else "no_memory")
+    if system not in preds:
+        sys.exit(f"{path} has no system {system!r} (it has {', '.join(preds)}); name one as DIR:SYSTEM")
+    by_id = preds[system]
+    tasks = {int(q.split("-")[0].removeprefix("qa")) for q in by_id}
+    gold = {q: a for t in tasks for q, a in gold_answers(babi_dir, t).items()}
+    return f"{Path(path).name}:{system}", {q: exact_match(p["answer"], [gold[q]]) > 0 for q, p in by_id.items()}
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p: twice the binomial(n, 1/2) tail of the smaller count, capped at 1."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def main():
+    babi_dir, args = sys.argv[1] if len(sys.argv) > 1 else "", sys.argv[2:]
+    if not args or len(args) % 2:
+        sys.exit(__doc__.split("\n\n")[1].strip())
+    print("| A | B | em A / B | only A / only B / both | McNemar p |\n|---|---|---|---|---|")
+    for a_arg, b_arg in zip(args[::2], args[1::2]):
+        (a, ra), (b, rb) = load(a_arg, babi_dir), load(b_arg, babi_dir)
+        if ra.keys() != rb.keys():
+            sys.exit(f"{a} and {b} scored different questions; evaluate both on the same config")
+        only_a = sum(ra[q] and not rb[q] for q in ra)
+        only_b = sum(rb[q] and not ra[q] for q in ra)
+        both = sum(ra[q] and rb[q] for q in ra)
+        print(f"| {a} | {b} | {sum(ra.values())} / {sum(rb.values())} | {only_a} / {only_b} / {both} | "
+              f"{mcnemar_p(only_a, only_b):.3g} |")
+
+
+if __name__ == "__main__":
+    main()
