@@ -7,9 +7,12 @@ For each trained memory, on the first 64 dev reliability questions of configs/sm
 written: at every real token of the question segment, ||h' - h|| / ||h||, where h is what the injection receives
 (the residual stream entering memory.read_layer for a residual injection, the final-normed hidden states for the
 final one) and h' what it returns (the scope gate included). Printed: the median and the 90th percentile over the
-tokens, and for a residual injection the trained per-channel gate |g| (mean, max) beside the median per-channel RMS
-of h. A residual update of a few percent of a stream that later blocks and the final norm process is a small
-perturbation; the final injection's update feeds the LM head directly.
+tokens; how much of the update depends on the edit: ||u - u'|| / ||u|| (median), u the update with the question's own
+edit written, u' with the next question's edit written instead (the batch's edit segments rolled by one), beside
+the scope gate with each (a shut gate alone makes u' small and this ratio ~100%), and the ratio again with each
+update divided by its scope gate (what is added, apart from how much of it is let in); and for a
+residual injection the trained per-channel gate |g| (mean, max) beside the median per-channel RMS of h. It asks
+whether a memory that answers nothing adds too little to matter, or adds much but the same for every edit.
 """
 import sys
 
@@ -25,46 +28,67 @@ from gmem_jax.training import builders
 from gmem_jax.training.checkpoint import load_exported_memory
 
 LIMIT = 64
-_records = []  # (relative update norm [B, T], h's per-channel RMS [H], token mask proxy [B, T])
+_records = []  # (relative update norm [B, T], h [B, T, H], update [B, T, H], scope gate [B, T]), per read
 
 
 def _recording_inject(original):
     def inject(self, h, r, *args, **kw):
         out, gate = original(self, h, r, *args, **kw)
         rel = jnp.linalg.norm(out - h, axis=-1) / jnp.maximum(jnp.linalg.norm(h, axis=-1), 1e-6)
-        jax.debug.callback(lambda a, b: _records.append((np.asarray(a), np.asarray(b))), rel, h)
+        scope = kw.get("scope", args[5] if len(args) > 5 else None)  # the scope gate [B, T], None without one
+        scope = jnp.full(rel.shape, jnp.nan) if scope is None else scope
+        jax.debug.callback(lambda *a: _records.append(tuple(np.asarray(x) for x in a)), rel, h, out - h, scope)
         return out, gate
     return inject
+
+
+def question_read(params, frozen, batch, cfg, mcfg):
+    """Run the batch eagerly (the callback sees every segment's read) -> the question segment's (relative update
+    norm [B, T], h [B, T, H], update [B, T, H], scope gate [B, T]); the question is the last segment, the edit the
+    ones before."""
+    _records.clear()
+    forward_segments(params, frozen, batch, cfg, mcfg)
+    jax.effects_barrier()
+    assert len(_records) == batch["tokens"].shape[1], len(_records)  # one read per segment
+    return _records[-1]
 
 
 def main(workdirs):
     modules.GMemory._inject = _recording_inject(modules.GMemory._inject)
     _, _, cfg, frozen, examples = builders.eval_setup(get_config("scoped_induction"))
     exs = [e for e in examples if e.meta["kind"] == "reliability"][:LIMIT]
-    print("| run | injection | update / hidden, median | 90th percentile | gate abs mean / max | h channel RMS, median |")
-    print("|---|---|---|---|---|---|")
+    print("| run | injection | update / hidden, median | 90th percentile | edit-dependent part of the update, median "
+          "| the same, scope gate divided out | scope gate, own / other edit, median | gate abs mean / max "
+          "| h channel RMS, median |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
         _records.clear()
-        rels, hs = [], []
+        rels, hs, deps, gates, contents = [], [], [], [], []
         for start in range(0, len(exs), 16):
             b = collate(exs[start:start + 16])
             batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
-            _records.clear()
-            forward_segments(params, frozen, batch, cfg, mcfg)  # eager: the callback sees every segment's read
-            jax.effects_barrier()
-            assert len(_records) == b["tokens"].shape[1], len(_records)  # one read per segment
-            rel, h = _records[-1]  # the last segment read: the question (segment 0 is the edit)
+            rel, h, update, scope = question_read(params, frozen, batch, cfg, mcfg)
+            # the same questions with the next question's edit written (segments before the last rolled by one)
+            swapped = {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
+            _, _, other, other_scope = question_read(params, frozen, swapped, cfg, mcfg)
             mask = b["token_mask"][:, -1].astype(bool)
             rels.append(rel[mask])
             hs.append(h[mask])
-        rel, h = np.concatenate(rels), np.concatenate(hs)
+            gates.append((scope[:, 0], other_scope[:, 0]))
+            deps.append(np.linalg.norm(update - other, axis=-1)[mask] / np.linalg.norm(update, axis=-1)[mask])
+            # the same with the scope gate divided out: what differs in what is added, not in how much is let in
+            u, o = (x / np.where(np.isnan(g), 1.0, g)[..., None] for x, g in ((update, scope), (other, other_scope)))
+            contents.append(np.linalg.norm(u - o, axis=-1)[mask] / np.linalg.norm(u, axis=-1)[mask])
+        rel, h, dep = np.concatenate(rels), np.concatenate(hs), np.concatenate(deps)
+        own_g, other_g = (np.median(np.concatenate(g)) for g in zip(*gates))
+        content = np.median(np.concatenate(contents))
         chan_rms = float(np.median(np.sqrt((h ** 2).mean(0))))
         gate = params.get("inject_gate")
         gate_cell = f"{np.abs(gate).mean():.3f} / {np.abs(gate).max():.3f}" if gate is not None else "(none)"
         where = f"residual, block {mcfg.read_layer}" if mcfg.injection == "residual" else "final"
-        print(f"| {wd} | {where} | {100 * np.median(rel):.2f}% | {100 * np.percentile(rel, 90):.2f}% | {gate_cell} "
-              f"| {chan_rms:.2f} |")
+        print(f"| {wd} | {where} | {100 * np.median(rel):.2f}% | {100 * np.percentile(rel, 90):.2f}% | "
+              f"{100 * np.median(dep):.1f}% | {100 * content:.1f}% | {own_g:.3f} / {other_g:.3f} | {gate_cell} | {chan_rms:.2f} |")
 
 
 if __name__ == "__main__":
