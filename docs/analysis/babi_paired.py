@@ -11,6 +11,7 @@ exact two-sided McNemar p-value (a binomial test on the questions where the two 
 least this uneven if both systems were equally good on these questions. With 100 questions, a 16-point gap can be
 anything from certain to noise depending on how many questions the two systems share.
 """
+import functools
 import json
 import math
 import sys
@@ -20,6 +21,7 @@ from gmem_jax.tasks.babi import BabiTask
 from gmem_jax.tasks.metrics import exact_match
 
 
+@functools.cache  # every argument of a task reads the same split; parse it once
 def gold_answers(babi_dir: str, task: int) -> dict:
     """Question id (as the babilong examples' meta['id']) -> gold answer, for one bAbI task's test split."""
     return {f"qa{task}-test-{q.story}-{q.line}": q.answer
