@@ -14,6 +14,7 @@ update divided by its scope gate (what is added, apart from how much of it is le
 residual injection the trained per-channel gate |g| (mean, max) beside the median per-channel RMS of h. It asks
 whether a memory that answers nothing adds too little to matter, or adds much but the same for every edit.
 """
+import inspect
 import sys
 
 import jax
@@ -28,24 +29,24 @@ from gmem_jax.training import builders
 from gmem_jax.training.checkpoint import load_exported_memory
 
 LIMIT = 64
-_records = []  # (relative update norm [B, T], h [B, T, H], update [B, T, H], scope gate [B, T]), per read
+_records = []  # (h [B, T, H], update h' - h [B, T, H], scope gate [B, T] or NaN), one per segment read
 
 
 def _recording_inject(original):
+    signature = inspect.signature(original)
+
     def inject(self, h, r, *args, **kw):
         out, gate = original(self, h, r, *args, **kw)
-        rel = jnp.linalg.norm(out - h, axis=-1) / jnp.maximum(jnp.linalg.norm(h, axis=-1), 1e-6)
-        scope = kw.get("scope", args[5] if len(args) > 5 else None)  # the scope gate [B, T], None without one
-        scope = jnp.full(rel.shape, jnp.nan) if scope is None else scope
-        jax.debug.callback(lambda *a: _records.append(tuple(np.asarray(x) for x in a)), rel, h, out - h, scope)
+        scope = signature.bind(self, h, r, *args, **kw).arguments.get("scope")  # [B, T], None without a gate
+        scope = jnp.full(h.shape[:2], jnp.nan) if scope is None else scope
+        jax.debug.callback(lambda *a: _records.append(tuple(np.asarray(x) for x in a)), h, out - h, scope)
         return out, gate
     return inject
 
 
 def question_read(params, frozen, batch, cfg, mcfg):
-    """Run the batch eagerly (the callback sees every segment's read) -> the question segment's (relative update
-    norm [B, T], h [B, T, H], update [B, T, H], scope gate [B, T]); the question is the last segment, the edit the
-    ones before."""
+    """Run the batch eagerly (the callback sees every segment's read) -> the question segment's (h [B, T, H], update
+    [B, T, H], scope gate [B, T]); the question is the last segment, the edit the ones before."""
     _records.clear()
     forward_segments(params, frozen, batch, cfg, mcfg)
     jax.effects_barrier()
@@ -63,23 +64,23 @@ def main(workdirs):
     print("|---|---|---|---|---|---|---|---|---|")
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
-        _records.clear()
         rels, hs, deps, gates, contents = [], [], [], [], []
         for start in range(0, len(exs), 16):
             b = collate(exs[start:start + 16])
             batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
-            rel, h, update, scope = question_read(params, frozen, batch, cfg, mcfg)
+            h, update, scope = question_read(params, frozen, batch, cfg, mcfg)
             # the same questions with the next question's edit written (segments before the last rolled by one)
             swapped = {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
-            _, _, other, other_scope = question_read(params, frozen, swapped, cfg, mcfg)
+            _, other, other_scope = question_read(params, frozen, swapped, cfg, mcfg)
             mask = b["token_mask"][:, -1].astype(bool)
-            rels.append(rel[mask])
+            norm = lambda x: np.linalg.norm(x, axis=-1)[mask]  # noqa: E731  per real question token
+            rels.append(norm(update) / np.maximum(norm(h), 1e-6))
             hs.append(h[mask])
             gates.append((scope[:, 0], other_scope[:, 0]))
-            deps.append(np.linalg.norm(update - other, axis=-1)[mask] / np.linalg.norm(update, axis=-1)[mask])
+            deps.append(norm(update - other) / norm(update))
             # the same with the scope gate divided out: what differs in what is added, not in how much is let in
             u, o = (x / np.where(np.isnan(g), 1.0, g)[..., None] for x, g in ((update, scope), (other, other_scope)))
-            contents.append(np.linalg.norm(u - o, axis=-1)[mask] / np.linalg.norm(u, axis=-1)[mask])
+            contents.append(norm(u - o) / norm(u))
         rel, h, dep = np.concatenate(rels), np.concatenate(hs), np.concatenate(deps)
         own_g, other_g = (np.median(np.concatenate(g)) for g in zip(*gates))
         content = np.median(np.concatenate(contents))
@@ -88,7 +89,8 @@ def main(workdirs):
         gate_cell = f"{np.abs(gate).mean():.3f} / {np.abs(gate).max():.3f}" if gate is not None else "(none)"
         where = f"residual, block {mcfg.read_layer}" if mcfg.injection == "residual" else "final"
         print(f"| {wd} | {where} | {100 * np.median(rel):.2f}% | {100 * np.percentile(rel, 90):.2f}% | "
-              f"{100 * np.median(dep):.1f}% | {100 * content:.1f}% | {own_g:.3f} / {other_g:.3f} | {gate_cell} | {chan_rms:.2f} |")
+              f"{100 * np.median(dep):.1f}% | {100 * content:.1f}% | {own_g:.3f} / {other_g:.3f} | {gate_cell} "
+              f"| {chan_rms:.2f} |")
 
 
 if __name__ == "__main__":
