@@ -1,0 +1,101 @@
+"""Where does a trained ZsRE memory's read land: on the slots the edit wrote, or on the ones it left as they were?
+(An analysis script for docs/results.md, not part of the package.)
+
+    PYTHONPATH=. python docs/analysis/zsre_read_landing.py <workdir> [<workdir> ...]
+
+For each trained memory, on the first 64 dev reliability questions of configs/smollm2_zsre.py with their edit
+written, at the question's answer positions (its loss tokens, where the answer is predicted):
+- written slots: per question, the slots whose content the edit's write moved by at least 10% of the largest move,
+  ||M_s - M0_s|| >= 0.1 max_s ||M_s - M0_s|| (M0 the initial bank the edit segment read, M the bank the question
+  reads); printed, the median count, and the median share of the read weight (mean over heads) that lands on them;
+- how many slots the write spreads over: exp(entropy) of the moves ||M_s - M0_s|| normalised to sum 1 (k equal
+  moves: k), and how many the read spreads over (the same of the read weights);
+- how much of what is read depends on the edit: ||rho - rho'|| / ||rho||, rho = sum_s w_s M_s the retrieved vector
+  (per head, before the decoder) with the question's own edit written, rho' with the next question's edit written
+  instead (the batch's edit segments rolled by one).
+It asks whether a memory whose update does not depend on the edit (docs/analysis/zsre_update_scale.py) reads past
+the written slots, or reads them and finds the same thing whichever edit was written.
+"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.smollm2_zsre import get_config
+from gmem_jax.memory import modules
+from gmem_jax.memory.model import forward_segments, slot_spread
+from gmem_jax.tasks.base import collate
+from gmem_jax.training import builders
+from gmem_jax.training.checkpoint import load_exported_memory
+
+LIMIT = 64
+WRITTEN = 0.1  # a slot counts as written if the edit moved it by at least this fraction of the largest move
+_records = []  # (slots [B, S, M], read weights [B, T, S] or [B, T, heads, S]), one per segment read
+
+
+def _recording_retrieve(original):
+    def retrieve(self, state, h, *args, **kw):
+        out = original(self, state, h, *args, **kw)
+        slots = self.split_summary(state)[0]
+        jax.debug.callback(lambda *a: _records.append(tuple(np.asarray(x, np.float64) for x in a)), slots, out[1])
+        return out
+    return retrieve
+
+
+def gather(weights: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """What GMemory._gather reads (without memory.read_by_write_key): weights [B, T, S] or [B, T, heads, S], slots
+    [B, S, M] -> [B, T, M]."""
+    if weights.ndim == 3:
+        return np.einsum("bts,bsm->btm", weights, slots)
+    nh = weights.shape[2]
+    out = np.einsum("bths,bshd->bthd", weights, slots.reshape(slots.shape[:2] + (nh, -1)))
+    return out.reshape(out.shape[:2] + (-1,))
+
+
+def question_read(params, frozen, batch, cfg, mcfg):
+    """Run the batch eagerly -> ((the bank the edit segment read, the initial one [B, S, M]; its read weights),
+    (the bank the question reads [B, S, M]; its read weights)); the question is the last segment."""
+    _records.clear()
+    forward_segments(params, frozen, batch, cfg, mcfg)
+    jax.effects_barrier()
+    assert len(_records) == batch["tokens"].shape[1], len(_records)  # one read per segment
+    return _records[0], _records[-1]
+
+
+def main(workdirs):
+    modules.GMemory._retrieve = _recording_retrieve(modules.GMemory._retrieve)
+    _, _, cfg, frozen, examples = builders.eval_setup(get_config("scoped_induction"))
+    exs = [e for e in examples if e.meta["kind"] == "reliability"][:LIMIT]
+    print("| run | injection | slots written (>= 10% of the largest move) | slots the write spreads over | read weight on "
+          "the written slots | slots the read spreads over | edit-dependent part of what is read |")
+    print("|---|---|---|---|---|---|---|")
+    for wd in workdirs:
+        params, mcfg = load_exported_memory(wd, cfg)
+        assert not mcfg.read_by_write_key, "gather() here reads whole slots"
+        counts, spreads, masses, read_spreads, deps = [], [], [], [], []
+        for start in range(0, len(exs), 16):
+            b = collate(exs[start:start + 16])
+            batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
+            (m0, _), (m, w) = question_read(params, frozen, batch, cfg, mcfg)
+            swapped = {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
+            _, (m_other, w_other) = question_read(params, frozen, swapped, cfg, mcfg)
+            move = np.linalg.norm(m - m0, axis=-1)  # [B, S]
+            written = move >= WRITTEN * move.max(-1, keepdims=True)  # [B, S]
+            alpha = w.mean(2) if w.ndim == 4 else w  # [B, T, S]
+            at = b["loss_mask"][:, -1] > 0  # [B, T] the question's answer positions
+            counts.append(written.sum(-1))
+            spreads.append(np.asarray(slot_spread(jnp.asarray(move))))
+            masses.append((alpha * written[:, None, :]).sum(-1)[at])
+            read_spreads.append(np.asarray(slot_spread(jnp.asarray(alpha)))[at])
+            rho, rho_other = gather(w, m), gather(w_other, m_other)
+            deps.append((np.linalg.norm(rho - rho_other, axis=-1) / np.maximum(np.linalg.norm(rho, axis=-1), 1e-12))[at])
+        count, spread, mass, read_spread, dep = (np.concatenate(x) for x in (counts, spreads, masses, read_spreads, deps))
+        pct = lambda x: f"{100 * np.median(x):.1f}% ({100 * np.percentile(x, 10):.1f}-{100 * np.percentile(x, 90):.1f})"  # noqa: E731
+        where = f"residual, block {mcfg.read_layer}" if mcfg.injection == "residual" else "final"
+        print(f"| {wd} | {where} | {np.median(count):.0f} of {m.shape[1]} | {np.median(spread):.0f} | {pct(mass)} "
+              f"| {np.median(read_spread):.0f} | {pct(dep)} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
