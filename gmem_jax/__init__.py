@@ -10,7 +10,8 @@ The functional API (pure functions over parameter trees; names resolve lazily so
     out = gmem_jax.forward(frozen, tokens, cfg, **gmem_jax.memory_hooks(mem, state, cfg, mcfg))  # read + inject
     seg = gmem_jax.forward_segments(mem, frozen, batch, cfg, mcfg)          # the segment loop + composite loss
     gen = gmem_jax.generate(frozen, cfg, prompt, prompt_mask, max_new_tokens=16,
-                            hooks=gmem_jax.generation_hooks(cfg, mcfg), hook_state=(mem, state))
+                            hooks=gmem_jax.generation_hooks(cfg, mcfg),
+                            hook_state=gmem_jax.decode_hook_state(mem, state, frozen, cfg, mcfg, prompt, prompt_mask))
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ _EXPORTS = {
     "count_memory_params": "gmem_jax.memory.model",
     "generate": "gmem_jax.generation",
     "generation_hooks": "gmem_jax.training.evaluation",
+    "decode_hook_state": "gmem_jax.training.evaluation",
     "make_optimizer": "gmem_jax.training.step",
     "init_train_state": "gmem_jax.training.step",
     "make_train_step": "gmem_jax.training.step",

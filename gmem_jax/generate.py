@@ -50,8 +50,8 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer, prom
     import numpy as np
 
     from gmem_jax.training.checkpoint import load_exported_memory, trained_with_memory
-    from gmem_jax.memory.model import initial_state, prompt_query, write_context
-    from gmem_jax.training.evaluation import generation_hooks
+    from gmem_jax.memory.model import initial_state, write_context
+    from gmem_jax.training.evaluation import decode_hook_state, generation_hooks
 
     mem_params, mcfg = load_exported_memory(Path(args.memory_checkpoint), cfg)
     if args.context and not trained_with_memory(args.memory_checkpoint):
@@ -68,10 +68,8 @@ def memory_for_generation(args: argparse.Namespace, cfg, params, tokenizer, prom
         state = jax.jit(write_context, static_argnums=(4, 5))(mem_params, params, tokens, mask, cfg, mcfg)
     else:
         state = initial_state(mem_params, cfg, mcfg, 1)
-    if mcfg.scope_gate:  # the question the scope gate matches with what was written
-        query = jax.jit(prompt_query, static_argnums=(3, 4))(params, prompt_tokens, prompt_mask, cfg, mcfg)
-        return generation_hooks(cfg, mcfg), (mem_params, state, query)
-    return generation_hooks(cfg, mcfg), (mem_params, state)
+    return generation_hooks(cfg, mcfg), decode_hook_state(mem_params, state, params, cfg, mcfg, prompt_tokens,
+                                                          prompt_mask)
 
 
 def load_model(args: argparse.Namespace):

@@ -12,7 +12,8 @@ written, at the question's answer positions (its loss tokens, where the answer i
   moves: k), and how many the read spreads over (the same of the read weights);
 - how much of what is read depends on the edit: ||rho - rho'|| / ||rho||, rho = sum_s w_s M_s the retrieved vector
   (per head, before the decoder) with the question's own edit written, rho' with the next question's edit written
-  instead (the batch's edit segments rolled by one).
+  instead (the batch's edit segments rolled by one); and the same for what the decoder makes of it, D(rho), which
+  the injection adds (gated).
 It asks whether a memory whose update does not depend on the edit (docs/analysis/zsre_update_scale.py) reads past
 the written slots, or reads them and finds the same thing whichever edit was written.
 """
@@ -32,6 +33,7 @@ from gmem_jax.training.checkpoint import load_exported_memory
 LIMIT = 64
 WRITTEN = 0.1  # a slot counts as written if the edit moved it by at least this fraction of the largest move
 _records = []  # (slots [B, S, M], read weights [B, T, S] or [B, T, heads, S]), one per segment read
+_decoded = []  # D(rho) [B, T, H], one per segment read
 
 
 def _recording_retrieve(original):
@@ -41,6 +43,13 @@ def _recording_retrieve(original):
         jax.debug.callback(lambda *a: _records.append(tuple(np.asarray(x, np.float64) for x in a)), slots, out[1])
         return out
     return retrieve
+
+
+def _recording_inject(original):
+    def inject(self, h, r, *args, **kw):
+        jax.debug.callback(lambda x: _decoded.append(np.asarray(x, np.float64)), r)
+        return original(self, h, r, *args, **kw)
+    return inject
 
 
 def gather(weights: np.ndarray, slots: np.ndarray) -> np.ndarray:
@@ -53,33 +62,42 @@ def gather(weights: np.ndarray, slots: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[:2] + (-1,))
 
 
+def _relative_change(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """||x - y|| / ||x|| over the last axis."""
+    return np.linalg.norm(x - y, axis=-1) / np.maximum(np.linalg.norm(x, axis=-1), 1e-12)
+
+
 def question_read(params, frozen, batch, cfg, mcfg):
     """Run the batch eagerly -> ((the bank the edit segment read, the initial one [B, S, M]; its read weights),
-    (the bank the question reads [B, S, M]; its read weights)); the question is the last segment."""
+    (the bank the question reads [B, S, M]; its read weights), the question's D(rho) [B, T, H]); the question is the
+    last segment."""
     _records.clear()
+    _decoded.clear()
     forward_segments(params, frozen, batch, cfg, mcfg)
     jax.effects_barrier()
-    assert len(_records) == batch["tokens"].shape[1], len(_records)  # one read per segment
-    return _records[0], _records[-1]
+    assert len(_records) == len(_decoded) == batch["tokens"].shape[1], len(_records)  # one read per segment
+    return _records[0], _records[-1], _decoded[-1]
 
 
 def main(workdirs):
     modules.GMemory._retrieve = _recording_retrieve(modules.GMemory._retrieve)
+    modules.GMemory._inject = _recording_inject(modules.GMemory._inject)
     _, _, cfg, frozen, examples = builders.eval_setup(get_config("scoped_induction"))
     exs = [e for e in examples if e.meta["kind"] == "reliability"][:LIMIT]
-    print("| run | injection | slots written (>= 10% of the largest move) | slots the write spreads over | read weight on "
-          "the written slots | slots the read spreads over | edit-dependent part of what is read |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | injection | slots written (>= 10% of the largest move) | slots the write spreads over "
+          "| read weight on the written slots | slots the read spreads over | edit-dependent part of what is read "
+          "| the same after the decoder |")
+    print("|---|---|---|---|---|---|---|---|")
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
         assert not mcfg.read_by_write_key, "gather() here reads whole slots"
-        counts, spreads, masses, read_spreads, deps = [], [], [], [], []
+        counts, spreads, masses, read_spreads, deps, decoded_deps = [], [], [], [], [], []
         for start in range(0, len(exs), 16):
             b = collate(exs[start:start + 16])
             batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
-            (m0, _), (m, w) = question_read(params, frozen, batch, cfg, mcfg)
+            (m0, _), (m, w), dec = question_read(params, frozen, batch, cfg, mcfg)
             swapped = {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
-            _, (m_other, w_other) = question_read(params, frozen, swapped, cfg, mcfg)
+            _, (m_other, w_other), dec_other = question_read(params, frozen, swapped, cfg, mcfg)
             move = np.linalg.norm(m - m0, axis=-1)  # [B, S]
             written = move >= WRITTEN * move.max(-1, keepdims=True)  # [B, S]
             alpha = w.mean(2) if w.ndim == 4 else w  # [B, T, S]
@@ -89,12 +107,15 @@ def main(workdirs):
             masses.append((alpha * written[:, None, :]).sum(-1)[at])
             read_spreads.append(np.asarray(slot_spread(jnp.asarray(alpha)))[at])
             rho, rho_other = gather(w, m), gather(w_other, m_other)
-            deps.append((np.linalg.norm(rho - rho_other, axis=-1) / np.maximum(np.linalg.norm(rho, axis=-1), 1e-12))[at])
-        count, spread, mass, read_spread, dep = (np.concatenate(x) for x in (counts, spreads, masses, read_spreads, deps))
-        pct = lambda x: f"{100 * np.median(x):.1f}% ({100 * np.percentile(x, 10):.1f}-{100 * np.percentile(x, 90):.1f})"  # noqa: E731
+            deps.append(_relative_change(rho, rho_other)[at])
+            decoded_deps.append(_relative_change(dec, dec_other)[at])
+        count, spread, mass, read_spread, dep, decoded_dep = (
+            np.concatenate(x) for x in (counts, spreads, masses, read_spreads, deps, decoded_deps))
+        pct = lambda x: (f"{100 * np.median(x):.1f}% ({100 * np.percentile(x, 10):.1f}"  # noqa: E731
+                         f"-{100 * np.percentile(x, 90):.1f})")
         where = f"residual, block {mcfg.read_layer}" if mcfg.injection == "residual" else "final"
         print(f"| {wd} | {where} | {np.median(count):.0f} of {m.shape[1]} | {np.median(spread):.0f} | {pct(mass)} "
-              f"| {np.median(read_spread):.0f} | {pct(dep)} |")
+              f"| {np.median(read_spread):.0f} | {pct(dep)} | {pct(decoded_dep)} |")
 
 
 if __name__ == "__main__":

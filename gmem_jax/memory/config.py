@@ -114,6 +114,13 @@ class MemoryConfig:
       no better at telling an edit's questions from unrelated ones (98.5 / 98.4% of the read weight on slots for
       reliability / locality questions), locality 76.8%, 0.6% of edits answered (docs/results.md).
     read_layer: the block the residual injection (and its read/write hidden states) sits at; ignored for "final".
+    residual_read_norm: residual injection only. The read (its queries, and what uses what the read sees: the
+      write keys of write_key_source="final", the scope gate's summary and question, the write with write_layer=-1)
+      sees the residual stream entering read_layer through the frozen final norm, as a write_layer's source does,
+      instead of the raw stream; the update is still added to the raw stream. Why: the raw stream's scale differs
+      wildly between tokens (SmolLM2-135M at block 15: a segment's first token has norm ~24,000, the others a
+      median ~166, nearly all of it in channel 507), and per-channel standardisation leaves that token ~7x longer
+      than the rest, so its key outweighs every other token's; the final norm rescales each token to unit RMS.
     write_layer: -1: the write consumes the same hidden states the read sees (final injection: the final-norm ones).
       k >= 0: the write consumes the residual stream entering block k passed through the frozen final norm (a
       "logit lens" view): middle layers still carry which token stands where, which the last layer has largely
@@ -231,6 +238,7 @@ class MemoryConfig:
     read_written_only: bool = False
     read_by_content: bool = False
     read_by_write_key: bool = False
+    residual_read_norm: bool = False
     read_layer: int = 0
     write_layer: int = -1
     standardize_inputs: bool = False
@@ -281,6 +289,9 @@ class MemoryConfig:
             raise GmemError(f"memory write_layer={self.write_layer} is above read_layer={self.read_layer}: a residual "
                             "injection's write must come from at or below the layer it reads at (whose input the "
                             "memory does not change); set write_layer <= read_layer, or -1 (write what the read sees)")
+        if self.residual_read_norm and self.injection != "residual":
+            raise GmemError("memory residual_read_norm applies to injection='residual' only (the final injection "
+                            "already reads the final-norm hidden states); leave it False")
         if self.token_gate and self.injection != "final":
             raise GmemError("memory token_gate applies to injection='final' only (residual has its own gate); leave "
                             "token_gate=False")

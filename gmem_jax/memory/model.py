@@ -84,7 +84,9 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
     """Keyword arguments for `backbone.forward` that make every token read `state` [B, S, M] and inject the
     result. The hook's aux is (extracted hidden states [B, T, H], read weights [B, T, S], token gate [B, T] or
     None). Pass `frozen` where the pass also writes: with mcfg.write_layer >= 0 a second hook then captures the
-    write's source (see `write_source`); reading alone (decoding) does not need it. `detach` [B, T] and `later` (broadcastable to
+    write's source (see `write_source`); reading alone (decoding) does not need it, except with
+    memory.residual_read_norm, whose read sees the stream through the frozen final norm (only frozen['final_norm']
+    is used there: a decoder may pass just that entry). `detach` [B, T] and `later` (broadcastable to
     [B, T]): see `GMemory._inject`; `content_state`, `scope_mask` [B, T] / `scope_query` [B, H] (memory.scope_gate:
     the prompt, or its mean final hidden state, `prompt_query`), `entity` [B, T] (memory.address_oracle): see
     `GMemory.read_and_inject`. tag_input: name the hook's input EXTRACT_NAME so that a remat policy saves it
@@ -92,11 +94,18 @@ def memory_hooks(mem_params: dict, state: jax.Array, cfg: BackboneConfig, mcfg: 
     features computed ahead), which the step keeps anyway: a tag would save a second copy per segment. encoded
     [B, T, M]: the read's E(h), computed by a caller that also hands it to the write (final injection)."""
 
+    if mcfg.residual_read_norm and frozen is None:
+        raise GmemError("memory.residual_read_norm reads through the frozen final norm: pass memory_hooks(..., "
+                        "frozen) (a dict with the backbone's 'final_norm' entry is enough)")
+
     def hook(h):
-        h = checkpoint_name(h, EXTRACT_NAME) if tag_input else h
+        tag = (lambda x: checkpoint_name(x, EXTRACT_NAME)) if tag_input else (lambda x: x)  # noqa: E731
+        h = tag(h)
+        # what the read sees; the update still goes into the raw stream h
+        source = tag(backbone.final_norm(frozen, h, cfg)) if mcfg.residual_read_norm else h
         h_out, alpha, gate = _call(mem_params, cfg, mcfg, GMemory.read_and_inject, state, h, detach, later,
-                                   content_state, scope_mask, scope_query, entity, encoded)
-        return h_out, (h, alpha, gate)
+                                   content_state, scope_mask, scope_query, entity, encoded, source)
+        return h_out, (source, alpha, gate)
 
     capture = None
     if frozen is not None and mcfg.write_layer >= 0:
@@ -465,11 +474,14 @@ def input_features(frozen: dict, tokens: jax.Array, token_mask: jax.Array, cfg: 
     input), 'write': [B, T, H] (the write's source)}, before any memory is injected."""
     if mcfg.injection == "final":
         return encoder_inputs(frozen_features(frozen, tokens, token_mask, cfg, mcfg.write_layer))
-    # the read layer's input, and with a write_layer (<= read_layer) that block's input through the final norm
-    hooks = ((lambda h: (h, backbone.final_norm(frozen, h, cfg))),) if mcfg.write_layer >= 0 else ()
+    # the read layer's input (memory.residual_read_norm: through the final norm), and with a write_layer
+    # (<= read_layer) that block's input through the final norm
+    normed = lambda h: (h, backbone.final_norm(frozen, h, cfg))  # noqa: E731
+    hooks = (normed,) if mcfg.write_layer >= 0 else ()
     layers = (mcfg.write_layer,) if hooks else ()
     out = backbone.forward(frozen, tokens, cfg, kv_mask=token_mask, compute_logits=False,
-                           hook_layer=layers + (mcfg.read_layer,), layer_hook=hooks + ((lambda h: (h, h)),))
+                           hook_layer=layers + (mcfg.read_layer,),
+                           layer_hook=hooks + ((normed if mcfg.residual_read_norm else (lambda h: (h, h))),))
     return {"read": out.layer_aux[-1], "write": out.layer_aux[0]}
 
 

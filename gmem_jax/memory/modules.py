@@ -471,7 +471,8 @@ class GMemory(nn.Module):
     def read_and_inject(self, state: jax.Array, h: jax.Array, detach: Optional[jax.Array] = None,
                         later: Optional[jax.Array] = None, content_state: Optional[jax.Array] = None,
                         scope_mask: Optional[jax.Array] = None, scope_query: Optional[jax.Array] = None,
-                        entity: Optional[jax.Array] = None, encoded: Optional[jax.Array] = None):
+                        entity: Optional[jax.Array] = None, encoded: Optional[jax.Array] = None,
+                        source: Optional[jax.Array] = None):
         """`read` then `inject` in one call: state [B, S, M], h [B, T, H] -> (h' [B, T, H], alpha [B, T, S], the
         token gate [B, T] as a gradient constant, for metrics; None without memory.token_gate; with
         memory.scope_gate instead the scope gate g broadcast to [B, T], with its gradient, for the scope loss: g
@@ -480,14 +481,17 @@ class GMemory(nn.Module):
         `detach` tokens then read it with constant read weights instead of having their read stop-gradiented.
         memory.scope_gate: the question vector is the mean of h over scope_mask [B, T] (the segment's prompt), or
         given pooled as scope_query [B, H] (generation, where a decode step sees one token). entity [B, T]:
-        memory.address_oracle's labels. encoded [B, T, M]: E(h), if the caller computed it (see `_read_weights`)."""
-        retrieved, weights, alpha, match = self._retrieve(state, h, entity, encoded)
+        memory.address_oracle's labels. encoded [B, T, M]: E(source), if the caller computed it (see `_read_weights`).
+        source [B, T, H]: what the read sees, if not h (memory.residual_read_norm: h through the frozen final norm);
+        the update is added to h either way."""
+        source = h if source is None else source
+        retrieved, weights, alpha, match = self._retrieve(state, source, entity, encoded)
         scope = None
         if self.cfg.scope_gate:
             if scope_query is not None:
                 query = self.scope_project(scope_query)
             elif scope_mask is not None:
-                query = self.scope_vector(h, scope_mask)
+                query = self.scope_vector(source, scope_mask)
             else:
                 raise GmemError("memory scope_gate needs the question's prompt: pass scope_mask= or scope_query=")
             scope = jnp.broadcast_to(self.scope_gate_value(state, query)[:, None], h.shape[:2])

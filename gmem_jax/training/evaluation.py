@@ -32,13 +32,19 @@ from gmem_jax.tasks.metrics import answer_token_scores, clean_generation
 @functools.lru_cache(maxsize=None)
 def generation_hooks(cfg: BackboneConfig, mcfg: MemoryConfig):
     """The static `hooks` callable for `generation.generate`: one object per (cfg, mcfg), so no recompiles.
-    hook_state = (memory params, memory state [B, S, M]) or, with memory.scope_gate, (memory params, state,
-    `prompt_query` of the prompt [B, H])."""
+    hook_state = (memory params, memory state [B, S, M]), then with memory.scope_gate the `prompt_query` of the
+    prompt [B, H], then with memory.residual_read_norm the frozen tree or {'final_norm': its final norm's params}
+    (`decode_hook_state` builds it)."""
 
     def hooks(hook_state, decode_step):
-        mem_params, state, *query = hook_state
-        return memory_hooks(mem_params, state, cfg, mcfg, later=later_in_generation(mcfg, decode_step),
-                            scope_query=query[0] if query else None)
+        mem_params, state, *rest = hook_state
+        query = rest.pop(0) if mcfg.scope_gate else None
+        frozen = rest.pop(0) if mcfg.residual_read_norm else None
+        if rest:
+            raise GmemError(f"generation hook_state has {len(rest)} entries too many for this memory config; build "
+                            "it with decode_hook_state")
+        return memory_hooks(mem_params, state, cfg, mcfg, frozen, later=later_in_generation(mcfg, decode_step),
+                            scope_query=query)
 
     return hooks
 
@@ -61,6 +67,22 @@ def _memory_pass(mem_params, frozen, batch, cfg, mcfg, use_memory):
 
 
 _prompt_query = jax.jit(prompt_query, static_argnums=(3, 4))
+
+
+def decode_hook_state(mem_params: dict, state: jax.Array, frozen: dict, cfg: BackboneConfig, mcfg: MemoryConfig,
+                      prompt=None, prompt_mask=None) -> tuple:
+    """`generation_hooks`' hook_state for generating from `state` [B, S, M]: prompt / prompt_mask [B, P] (left-padded,
+    as `generation.generate` takes them) are needed with memory.scope_gate, which pools the prompt up front because
+    a decode step sees one token."""
+    hook_state = (mem_params, state)
+    if mcfg.scope_gate:
+        if prompt is None:
+            raise GmemError("memory.scope_gate pools the prompt before decoding: pass decode_hook_state(..., prompt, "
+                            "prompt_mask)")
+        hook_state += (_prompt_query(frozen, jnp.asarray(prompt), jnp.asarray(prompt_mask, bool), cfg, mcfg),)
+    if mcfg.residual_read_norm:  # the read sees the stream through the frozen final norm
+        hook_state += ({"final_norm": frozen["final_norm"]},)
+    return hook_state
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -116,14 +138,14 @@ def predict(examples: Sequence[SegmentedExample], tokenizer: Any, frozen: dict, 
             preds, pos = np.asarray(preds), np.asarray(pos)
             hit = preds == np.take_along_axis(last_labels, pos, 1)
             weight = np.take_along_axis(last_loss, pos, 1)  # loss positions come first, in ascending order
-            hooks, hook_state = generation_hooks(cfg, mcfg), (mem_params, state)
         else:
             preds = np.asarray(frozen_argmax(frozen, batch["tokens"][:, -1], batch["token_mask"][:, -1], cfg))
             hit, weight, sp_logits = preds == last_labels, last_loss, None
-            hooks = hook_state = None
         prompt, prompt_mask = _left_padded_prompts(batch)
-        if mem_params is not None and mcfg.scope_gate:  # a decode step sees one token: pool the prompt up front
-            hook_state = hook_state + (_prompt_query(frozen, prompt, prompt_mask, cfg, mcfg),)
+        hooks = hook_state = None
+        if mem_params is not None:
+            hooks = generation_hooks(cfg, mcfg)
+            hook_state = decode_hook_state(mem_params, state, frozen, cfg, mcfg, prompt, prompt_mask)
         result = generation.generate(frozen, cfg, prompt, prompt_mask, max_new_tokens=max_new_tokens,
                                      eos_ids=() if eos is None else (int(eos),), hooks=hooks, hook_state=hook_state)
         new_tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)

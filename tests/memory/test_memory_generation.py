@@ -10,7 +10,7 @@ from gmem_jax import generation
 from gmem_jax.memory.model import forward_segments, prompt_query, write_context
 from gmem_jax.memory.modules import GMemory
 from gmem_jax.training.checkpoint import export_params
-from gmem_jax.training.evaluation import generation_hooks
+from gmem_jax.training.evaluation import decode_hook_state, generation_hooks
 
 from memory_testlib import perturbed_memory, random_batch, small_memory, tiny_backbone
 
@@ -44,16 +44,19 @@ def test_greedy_decoding_with_an_induction_write_matches_the_segment_loop():
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, perturbed_memory(cfg, mcfg, scale=1.0))
 
 
-@pytest.mark.parametrize("injection, read_only", [("final", False), ("final", True), ("residual", False)])
-def test_greedy_decoding_with_a_scope_gate_matches_the_segment_loop(injection, read_only):
+@pytest.mark.parametrize("injection, read_only, read_norm", [("final", False, False), ("final", True, False),
+                                                            ("residual", False, False), ("residual", False, True)])
+def test_greedy_decoding_with_a_scope_gate_matches_the_segment_loop(injection, read_only, read_norm):
     """memory.scope_gate: generation pools the prompt up front (`prompt_query`), training pools the same positions
     of the teacher-forced segment (before its first loss target), so the gate and the tokens agree; a gate that
     also pooled the answer tokens would not. Residual: the ZsRE induction recipe's write (values from block 0's
-    input, keys from what the read sees at read_layer, captured by a second hook below the read's)."""
+    input, keys from what the read sees at read_layer, captured by a second hook below the read's); read_norm:
+    memory.residual_read_norm, whose decoder gets the final norm through the hook state."""
     cfg, frozen = tiny_backbone("llama")
     induction = dict(write_layer=0, write_key_source="final", write_value_shift=1, write_key_window=3)
     mcfg = small_memory(injection, write_attention="keyed", standardize_inputs=True, scope_gate=True,
-                        inject_read_only=read_only, **(induction if injection == "residual" else {}))
+                        inject_read_only=read_only, residual_read_norm=read_norm,
+                        **(induction if injection == "residual" else {}))
     mem = dict(perturbed_memory(cfg, mcfg, scale=1.0), scope_scale=jnp.float32(4.0), scope_bias=jnp.float32(0.0))
     assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem)
 
@@ -83,9 +86,7 @@ def assert_generation_matches_segment_loop(cfg, frozen, mcfg, mem):
     ctx_tokens, ctx_mask = b["tokens"][:, : N - 1], b["token_mask"][:, : N - 1]
     state = jax.jit(write_context, static_argnums=(4, 5))(mem, frozen, ctx_tokens, ctx_mask, cfg, mcfg)
     prompt = b["tokens"][:, -1, :P]
-    hook_state = (mem, state)
-    if mcfg.scope_gate:
-        hook_state += (prompt_query(frozen, jnp.asarray(prompt), jnp.ones((B, P), bool), cfg, mcfg),)
+    hook_state = decode_hook_state(mem, state, frozen, cfg, mcfg, prompt, np.ones((B, P), bool))
     gen = generation.generate(frozen, cfg, prompt, np.ones((B, P), bool), max_new_tokens=G, eos_ids=(),
                               hooks=generation_hooks(cfg, mcfg), hook_state=hook_state)
     new = np.asarray(gen.tokens)
