@@ -13,7 +13,8 @@ written, at the question's answer positions (its loss tokens, where the answer i
 - how much of what is read depends on the edit: ||rho - rho'|| / ||rho||, rho = sum_s w_s M_s the retrieved vector
   (per head, before the decoder) with the question's own edit written, rho' with the next question's edit written
   instead (the batch's edit segments rolled by one); and the same for what the decoder makes of it, D(rho), which
-  the injection adds (gated).
+  the injection adds (gated). A second table follows that through the decoder's stages, D(x) = W_o GELU(LN(W_i x +
+  b_i)) + b_o (recomputed here in NumPy and checked against the decoder's own output), to show where it is lost.
 It asks whether a memory whose update does not depend on the edit (docs/analysis/zsre_update_scale.py) reads past
 the written slots, or reads them and finds the same thing whichever edit was written.
 """
@@ -62,6 +63,17 @@ def gather(weights: np.ndarray, slots: np.ndarray) -> np.ndarray:
     return out.reshape(out.shape[:2] + (-1,))
 
 
+def decoder_stages(p: dict, x: np.ndarray) -> list[np.ndarray]:
+    """The decoder's stages for input x [..., M]: [W_i x + b_i, LN(.), GELU(.), W_o . + b_o] (memory.modules._MLPMap
+    with biases and LayerNorm; flax defaults: LayerNorm epsilon 1e-6, exact GELU)."""
+    from scipy.special import erf
+    a = x @ p["in"]["kernel"] + p["in"]["bias"]
+    mu, var = a.mean(-1, keepdims=True), a.var(-1, keepdims=True)
+    n = (a - mu) / np.sqrt(var + 1e-6) * p["norm"]["scale"] + p["norm"]["bias"]
+    g = 0.5 * n * (1.0 + erf(n / np.sqrt(2.0)))
+    return [a, n, g, g @ p["out"]["kernel"] + p["out"]["bias"]]
+
+
 def _relative_change(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """||x - y|| / ||x|| over the last axis."""
     return np.linalg.norm(x - y, axis=-1) / np.maximum(np.linalg.norm(x, axis=-1), 1e-12)
@@ -88,10 +100,13 @@ def main(workdirs):
           "| read weight on the written slots | slots the read spreads over | edit-dependent part of what is read "
           "| the same after the decoder |")
     print("|---|---|---|---|---|---|---|---|")
+    stage_tables = []
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
         assert not mcfg.read_by_write_key, "gather() here reads whole slots"
         counts, spreads, masses, read_spreads, deps, decoded_deps = [], [], [], [], [], []
+        dec_params = jax.tree.map(lambda x: np.asarray(x, np.float64), params["decoder"])
+        stage_deps = []  # per batch: [4 stages] of [answer positions]
         for start in range(0, len(exs), 16):
             b = collate(exs[start:start + 16])
             batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
@@ -109,6 +124,9 @@ def main(workdirs):
             rho, rho_other = gather(w, m), gather(w_other, m_other)
             deps.append(_relative_change(rho, rho_other)[at])
             decoded_deps.append(_relative_change(dec, dec_other)[at])
+            stages, stages_other = decoder_stages(dec_params, rho[at]), decoder_stages(dec_params, rho_other[at])
+            np.testing.assert_allclose(stages[-1], dec[at], rtol=1e-3, atol=1e-3 * np.abs(dec).max())
+            stage_deps.append([_relative_change(x, y) for x, y in zip(stages, stages_other)])
         count, spread, mass, read_spread, dep, decoded_dep = (
             np.concatenate(x) for x in (counts, spreads, masses, read_spreads, deps, decoded_deps))
         pct = lambda x: (f"{100 * np.median(x):.1f}% ({100 * np.percentile(x, 10):.1f}"  # noqa: E731
@@ -116,6 +134,12 @@ def main(workdirs):
         where = f"residual, block {mcfg.read_layer}" if mcfg.injection == "residual" else "final"
         print(f"| {wd} | {where} | {np.median(count):.0f} of {m.shape[1]} | {np.median(spread):.0f} | {pct(mass)} "
               f"| {np.median(read_spread):.0f} | {pct(dep)} | {pct(decoded_dep)} |")
+        stage_tables.append(f"| {wd} | {pct(dep)} | " + " | ".join(
+            pct(np.concatenate([b[i] for b in stage_deps])) for i in range(4)) + " |")
+    print("\nThe edit-dependent part through the decoder's stages, at the answer positions, median (10th-90th pct):\n")
+    print("| run | rho | W_i rho + b_i | LayerNorm | GELU | D(rho) |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(stage_tables))
 
 
 if __name__ == "__main__":
