@@ -24,14 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.smollm2_zsre import get_config
 from gmem_jax.memory import modules
 from gmem_jax.memory.model import forward_segments, slot_spread
-from gmem_jax.tasks.base import collate
-from gmem_jax.training import builders
 from gmem_jax.training.checkpoint import load_exported_memory
+from zsre_update_scale import edit_swapped_batches, reliability_setup  # this folder (python puts it first on sys.path)
 
-LIMIT = 64
 WRITTEN = 0.1  # a slot counts as written if the edit moved it by at least this fraction of the largest move
 _records = []  # (slots [B, S, M], read weights [B, T, S] or [B, T, heads, S]), one per segment read
 _decoded = []  # D(rho) [B, T, H], one per segment read
@@ -94,8 +91,7 @@ def question_read(params, frozen, batch, cfg, mcfg):
 def main(workdirs):
     modules.GMemory._retrieve = _recording_retrieve(modules.GMemory._retrieve)
     modules.GMemory._inject = _recording_inject(modules.GMemory._inject)
-    _, _, cfg, frozen, examples = builders.eval_setup(get_config("scoped_induction"))
-    exs = [e for e in examples if e.meta["kind"] == "reliability"][:LIMIT]
+    cfg, frozen, exs = reliability_setup()
     print("| run | injection | slots written (>= 10% of the largest move) | slots the write spreads over "
           "| read weight on the written slots | slots the read spreads over | edit-dependent part of what is read "
           "| the same after the decoder |")
@@ -107,11 +103,8 @@ def main(workdirs):
         counts, spreads, masses, read_spreads, deps, decoded_deps = [], [], [], [], [], []
         dec_params = jax.tree.map(lambda x: np.asarray(x, np.float64), params["decoder"])
         stage_deps = []  # per batch: [4 stages] of [answer positions]
-        for start in range(0, len(exs), 16):
-            b = collate(exs[start:start + 16])
-            batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
+        for b, batch, swapped in edit_swapped_batches(exs):
             (m0, _), (m, w), dec = question_read(params, frozen, batch, cfg, mcfg)
-            swapped = {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
             _, (m_other, w_other), dec_other = question_read(params, frozen, swapped, cfg, mcfg)
             move = np.linalg.norm(m - m0, axis=-1)  # [B, S]
             written = move >= WRITTEN * move.max(-1, keepdims=True)  # [B, S]

@@ -54,10 +54,24 @@ def question_read(params, frozen, batch, cfg, mcfg):
     return _records[-1]
 
 
+def reliability_setup():
+    """(backbone config, frozen tree, the first LIMIT dev reliability examples of configs/smollm2_zsre.py)."""
+    _, _, cfg, frozen, examples = builders.eval_setup(get_config("scoped_induction"))
+    return cfg, frozen, [e for e in examples if e.meta["kind"] == "reliability"][:LIMIT]
+
+
+def edit_swapped_batches(exs, batch_size=16):
+    """Yield (collated numpy batch, its arrays, the same with the next question's edit written instead: the segments
+    before the last, the question, rolled by one example)."""
+    for start in range(0, len(exs), batch_size):
+        b = collate(exs[start:start + batch_size])
+        batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
+        yield b, batch, {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
+
+
 def main(workdirs):
     modules.GMemory._inject = _recording_inject(modules.GMemory._inject)
-    _, _, cfg, frozen, examples = builders.eval_setup(get_config("scoped_induction"))
-    exs = [e for e in examples if e.meta["kind"] == "reliability"][:LIMIT]
+    cfg, frozen, exs = reliability_setup()
     print("| run | injection | update / hidden, median | 90th percentile | edit-dependent part of the update, median "
           "| the same, scope gate divided out | scope gate, own / other edit, median | gate abs mean / max "
           "| h channel RMS, median |")
@@ -65,12 +79,8 @@ def main(workdirs):
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
         rels, hs, deps, gates, contents = [], [], [], [], []
-        for start in range(0, len(exs), 16):
-            b = collate(exs[start:start + 16])
-            batch = {k: jnp.asarray(b[k]) for k in ("tokens", "token_mask", "labels", "loss_mask")}
+        for b, batch, swapped in edit_swapped_batches(exs):
             h, update, scope = question_read(params, frozen, batch, cfg, mcfg)
-            # the same questions with the next question's edit written (segments before the last rolled by one)
-            swapped = {k: v.at[:, :-1].set(jnp.roll(v[:, :-1], 1, axis=0)) for k, v in batch.items()}
             _, other, other_scope = question_read(params, frozen, swapped, cfg, mcfg)
             mask = b["token_mask"][:, -1].astype(bool)
             norm = lambda x: np.linalg.norm(x, axis=-1)[mask]  # noqa: E731  per real question token
