@@ -173,7 +173,8 @@ class MemoryConfig:
       The training data says which questions an edit concerns (ZsRE: all but locality; `train` labels them when
       this is > 0), as SERAC's scope classifier and GRACE's deferral radius use it; without it a read that helps
       every question's answer format stayed on the edit's slots for unrelated questions too (docs/results.md).
-    pointer_weight: keyed write, update gate, final injection. Weight of a copy-supervision (pointer) loss: at every
+    pointer_weight: keyed write, update gate (either injection: with a residual one the read is the one at
+      read_layer). Weight of a copy-supervision (pointer) loss: at every
       loss position whose target token occurs among the real tokens of the last pointer_segments written segments,
       -log of the share of what the read retrieves there (head-averaged) that is those tokens' values, the share
       computed from the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the
@@ -326,9 +327,9 @@ class MemoryConfig:
             raise GmemError("memory read_by_write_key needs read_written_only=True, read_by_content=False, "
                             "gate='update' (a GRU candidate would remix the stored keys) and an even mem_dim/num_heads")
         if self.pointer_weight < 0 or (self.pointer_weight and not (
-                self.write_attention == "keyed" and self.gate == "update" and self.injection == "final")):
-            raise GmemError(f"memory pointer_weight={self.pointer_weight} needs write_attention='keyed', gate='update' "
-                            "and injection='final' (what a read retrieves is then a known mix of the written tokens), "
+                self.write_attention == "keyed" and self.gate == "update")):
+            raise GmemError(f"memory pointer_weight={self.pointer_weight} needs write_attention='keyed' and "
+                            "gate='update' (what a read retrieves is then a known mix of the written tokens), "
                             "and a value >= 0 (0 turns it off)")
         if self.pointer_support and not self.pointer_weight:
             raise GmemError("memory pointer_support restricts the pointer loss; it needs pointer_weight > 0")

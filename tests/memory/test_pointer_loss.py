@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from gmem_jax.errors import GmemError
-from gmem_jax.memory.model import forward_segments, frozen_features, init_memory
+from gmem_jax.memory.model import forward_segments, init_memory, input_features
 from gmem_jax.memory.modules import GMemory
 
 from memory_testlib import module_call, random_batch, small_memory, tiny_backbone
 
 
-def _keyed(**kw):
-    return small_memory("final", write_attention="keyed", write_key_window=3, write_recency=2.0, **kw)
+def _keyed(injection="final", **kw):
+    return small_memory(injection, write_attention="keyed", write_key_window=3, write_recency=2.0, **kw)
 
 
 @pytest.mark.parametrize("top_k", [0, 2])
@@ -66,7 +66,11 @@ def _copy_batch(cfg, B=3, N=3, T=8):
 
 @pytest.mark.parametrize("variant", [{}, dict(write_key_source="final", write_value_shift=1),
                                      dict(pointer_segments=0), dict(pointer_segments=2),
-                                     dict(pointer_segments=0, pointer_support=True)])
+                                     dict(pointer_segments=0, pointer_support=True),
+                                     # a residual injection: the read (and the write's final-key source) is the
+                                     # stream entering read_layer, the write's values block write_layer's
+                                     dict(injection="residual", read_layer=2, write_key_source="final",
+                                          write_value_shift=1, pointer_segments=0)])
 def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
     """pointer = mean over loss positions whose target was written in one of the pointer_segments segments just
     before (and not across a reset) of -log sum_{t: token_t = target} (alpha P)_t, alpha the head-averaged read
@@ -93,8 +97,8 @@ def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
     for n in range(N):
         if b["reset"][:, n].any():
             state = np.where(b["reset"][:, n, None, None], np.asarray(call(B, method=GMemory.initial_state)), state)
-        f = frozen_features(frozen, jnp.asarray(b["tokens"][:, n]), jnp.asarray(b["token_mask"][:, n]), cfg, 1)
-        _, alpha = call(jnp.asarray(state), f["features"], method=GMemory.read)  # [B, T, S]
+        f = input_features(frozen, jnp.asarray(b["tokens"][:, n]), jnp.asarray(b["token_mask"][:, n]), cfg, mcfg)
+        _, alpha = call(jnp.asarray(state), f["read"], method=GMemory.read)  # [B, T, S]
         if history:
             recent = history[-lookback:]
             prov = np.concatenate([p for p, _, _ in recent], -1)  # [B, S, W * T]
@@ -109,8 +113,8 @@ def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
                     if b["loss_mask"][i, n, t] > 0 and hit.any():
                         m = beta[i, t][hit].sum()
                         nll, mass, count = nll - np.log(m + 1e-6), mass + m, count + 1
-        new, z, p = call(jnp.asarray(state), f["write_features"], jnp.asarray(b["token_mask"][:, n]), None, False,
-                         f["features"], True, method=GMemory.write)
+        new, z, p = call(jnp.asarray(state), f["write"], jnp.asarray(b["token_mask"][:, n]), None, False,
+                         f["read"], True, method=GMemory.write)
         keep = 1.0 - np.asarray(z, np.float64).mean(-1)[..., None]  # [B, S, 1]
         history = [(q * keep, w, m) for q, w, m in history]
         history.append((np.asarray(p, np.float64), b["tokens"][:, n], b["token_mask"][:, n] & support[:, n]))
