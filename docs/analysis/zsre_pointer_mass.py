@@ -3,7 +3,7 @@ docs/results.md, not part of the package.)
 
     PYTHONPATH=. python docs/analysis/zsre_pointer_mass.py <workdir> [<workdir> ...]
 
-For each trained keyed-write memory (update gate, final injection), on the dev reliability and generalization
+For each trained keyed-write memory (update gate; either injection), on the dev reliability and generalization
 questions of configs/smollm2_zsre.py, teacher-forced: at each answer position whose target token occurs in the
 written edit, the share of what the read retrieves that is that token's value (beta = alpha P, the quantity
 memory.pointer_weight trains; `gmem_jax.memory.model._pointer_terms`), averaged over the positions, for all answer
