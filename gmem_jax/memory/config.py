@@ -180,7 +180,8 @@ class MemoryConfig:
       computed from the read weights and the write's provenance (`GMemory.write(provenance=True)`). It tells the
       read where the answer was written, which CE alone did not teach it. Examples whose batch `scope` is 0 (the
       written segment does not concern them) are not counted. 0: off. On ZsRE it made the read a 3-slot lookup
-      landing on the written answer token without making the memory say it (docs/results.md, "A pointer loss").
+      landing on the written answer token without making the memory say it (docs/results.md, "A pointer loss"); with
+      a residual injection at block 15 the same (a 3-slot lookup, 0.0% exact; "The grid's residual cell").
     pointer_segments: how many of the most recently written segments the pointer loss looks back into (1: the one
       written just before; 0: every written segment of the document). An older segment's provenance fades with each
       later write by the channel mean of (1 - z) of that write's gate, since a slot rewritten with gate z keeps a

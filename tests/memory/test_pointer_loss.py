@@ -67,8 +67,8 @@ def _copy_batch(cfg, B=3, N=3, T=8):
 @pytest.mark.parametrize("variant", [{}, dict(write_key_source="final", write_value_shift=1),
                                      dict(pointer_segments=0), dict(pointer_segments=2),
                                      dict(pointer_segments=0, pointer_support=True),
-                                     # a residual injection: the read (and the write's final-key source) is the
-                                     # stream entering read_layer, the write's values block write_layer's
+                                     # a residual injection: the read (and the write's final-key source) sees the
+                                     # stream entering read_layer; the write's values come from write_layer's input
                                      dict(injection="residual", read_layer=2, write_key_source="final",
                                           write_value_shift=1, pointer_segments=0)])
 def test_pointer_loss_matches_a_recomputation_from_the_public_pieces(variant):
