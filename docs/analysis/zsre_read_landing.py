@@ -15,6 +15,9 @@ written, at the question's answer positions (its loss tokens, where the answer i
   instead (the batch's edit segments rolled by one); and the same for what the decoder makes of it, D(rho), which
   the injection adds (gated). A second table follows that through the decoder's stages, D(x) = W_o GELU(LN(W_i x +
   b_i)) + b_o (recomputed here in NumPy and checked against the decoder's own output), to show where it is lost.
+A third table gives how token-specific the write's values are: u_t = W_o W_v E(x_t) over the real tokens of the edit
+segments (x the write's source; u_t is what a slot won entirely by token t would hold), ||u_t - u_mean|| / ||u_t||
+with u_mean the mean over all of them (0: every token stores the same vector).
 It asks whether a memory whose update does not depend on the edit (docs/analysis/zsre_update_scale.py) reads past
 the written slots, or reads them and finds the same thing whichever edit was written.
 """
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gmem_jax.memory import modules
-from gmem_jax.memory.model import forward_segments, slot_spread
+from gmem_jax.memory.model import forward_segments, input_features, memory_module, slot_spread
 from gmem_jax.training.checkpoint import load_exported_memory
 from zsre_update_scale import edit_swapped_batches, reliability_setup  # this folder (python puts it first on sys.path)
 
@@ -88,6 +91,16 @@ def question_read(params, frozen, batch, cfg, mcfg):
     return _records[0], _records[-1], _decoded[-1]
 
 
+def value_vectors(params, frozen, batch, cfg, mcfg) -> np.ndarray:
+    """u_t = W_o W_v E(x_t) for the real tokens of the batch's edit segments (all but the last) -> [n, M]."""
+    tokens, mask = batch["tokens"][:, :-1], batch["token_mask"][:, :-1].astype(bool)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])  # noqa: E731  [B, N-1, ...] -> [B (N-1), ...]
+    x = input_features(frozen, flat(tokens), flat(mask), cfg, mcfg)["write"]
+    u = memory_module(cfg, mcfg).apply({"params": params}, x,
+                                       method=lambda m, y: m.write_o(m.write_v(m.encode(y, "write"))))
+    return np.asarray(u, np.float64)[np.asarray(flat(mask))]
+
+
 def main(workdirs):
     modules.GMemory._retrieve = _recording_retrieve(modules.GMemory._retrieve)
     modules.GMemory._inject = _recording_inject(modules.GMemory._inject)
@@ -96,13 +109,14 @@ def main(workdirs):
           "| read weight on the written slots | slots the read spreads over | edit-dependent part of what is read "
           "| the same after the decoder |")
     print("|---|---|---|---|---|---|---|---|")
-    stage_tables = []
+    stage_tables, value_rows = [], []
     for wd in workdirs:
         params, mcfg = load_exported_memory(wd, cfg)
         assert not mcfg.read_by_write_key, "gather() here reads whole slots"
         counts, spreads, masses, read_spreads, deps, decoded_deps = [], [], [], [], [], []
         dec_params = jax.tree.map(lambda x: np.asarray(x, np.float64), params["decoder"])
         stage_deps = []  # per batch: [4 stages] of [answer positions]
+        values = []  # per batch: [real edit tokens, M]
         for b, batch, swapped in edit_swapped_batches(exs):
             (m0, _), (m, w), dec = question_read(params, frozen, batch, cfg, mcfg)
             _, (m_other, w_other), dec_other = question_read(params, frozen, swapped, cfg, mcfg)
@@ -120,6 +134,7 @@ def main(workdirs):
             stages, stages_other = decoder_stages(dec_params, rho[at]), decoder_stages(dec_params, rho_other[at])
             np.testing.assert_allclose(stages[-1], dec[at], rtol=1e-3, atol=1e-3 * np.abs(dec).max())
             stage_deps.append([_relative_change(x, y) for x, y in zip(stages, stages_other)])
+            values.append(value_vectors(params, frozen, batch, cfg, mcfg))
         count, spread, mass, read_spread, dep, decoded_dep = (
             np.concatenate(x) for x in (counts, spreads, masses, read_spreads, deps, decoded_deps))
         pct = lambda x: (f"{100 * np.median(x):.1f}% ({100 * np.percentile(x, 10):.1f}"  # noqa: E731
@@ -127,12 +142,18 @@ def main(workdirs):
         where = f"residual, block {mcfg.read_layer}" if mcfg.injection == "residual" else "final"
         print(f"| {wd} | {where} | {np.median(count):.0f} of {m.shape[1]} | {np.median(spread):.0f} | {pct(mass)} "
               f"| {np.median(read_spread):.0f} | {pct(dep)} | {pct(decoded_dep)} |")
+        u = np.concatenate(values)
+        value_rows.append(f"| {wd} | {len(u)} | {pct(_relative_change(u, u.mean(0, keepdims=True)))} |")
         stage_tables.append(f"| {wd} | {pct(dep)} | " + " | ".join(
             pct(np.concatenate([b[i] for b in stage_deps])) for i in range(4)) + " |")
     print("\nThe edit-dependent part through the decoder's stages, at the answer positions, median (10th-90th pct):\n")
     print("| run | rho | W_i rho + b_i | LayerNorm | GELU | D(rho) |")
     print("|---|---|---|---|---|---|")
     print("\n".join(stage_tables))
+    print("\nToken-specific part of the write's values, ||u_t - u_mean|| / ||u_t||, median (10th-90th pct):\n")
+    print("| run | real edit tokens | token-specific part |")
+    print("|---|---|---|")
+    print("\n".join(value_rows))
 
 
 if __name__ == "__main__":
