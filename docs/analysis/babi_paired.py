@@ -1,12 +1,13 @@
 """Two systems on the same bAbI questions, question by question (an analysis script for docs/results.md, not part
 of the package; no model is run).
 
-    python docs/analysis/babi_paired.py BABI_DIR A_DIR[:SYSTEM] B_DIR[:SYSTEM] [A_DIR[:SYSTEM] B_DIR[:SYSTEM] ...]
+    python docs/analysis/babi_paired.py [--common] BABI_DIR A_DIR[:SYSTEM] B_DIR[:SYSTEM] [A_DIR[:SYSTEM] B_DIR[:SYSTEM] ...]
 
 BABI_DIR is the bAbI en-10k folder (../shared/data/babi/en-10k), for the gold answers. The other arguments come in
 pairs (A, B); each is a `python -m gmem_jax.evaluate` output directory (its eval_results.json)
 and the system to read from it (default: `memory`, else `no_memory` for a twin scored alone). Both must hold the
-same questions. Per pair: each system's exact-match count, the questions only A / only B / both got right, and the
+same questions, unless --common is given: then each pair is scored on the questions both hold (e.g. the first 500
+of a run evaluated on 1,000 against one evaluated on 500; the table's "n" says how many). Per pair: each system's exact-match count, the questions only A / only B / both got right, and the
 exact two-sided McNemar p-value (a binomial test on the questions where the two disagree): the chance of a split at
 least this uneven if both systems were equally good on these questions. With 100 questions, a 16-point gap can be
 anything from certain to noise depending on how many questions the two systems share.
@@ -75,20 +76,28 @@ def story_stats(ra: dict, rb: dict, draws: int = 10_000) -> tuple[float, float, 
 
 
 def main():
-    babi_dir, args = sys.argv[1] if len(sys.argv) > 1 else "", sys.argv[2:]
+    argv = sys.argv[1:]
+    common = "--common" in argv
+    argv = [a for a in argv if a != "--common"]
+    babi_dir, args = argv[0] if argv else "", argv[1:]
     if not args or len(args) % 2:
         sys.exit(__doc__.split("\n\n")[1].strip())
-    print("| A | B | em A / B | only A / only B / both | McNemar p | A - B, story bootstrap 95% | story sign-flip p |"
-          "\n|---|---|---|---|---|---|---|")
+    print("| A | B | n | em A / B | only A / only B / both | McNemar p | A - B, story bootstrap 95% | story sign-flip p |"
+          "\n|---|---|---|---|---|---|---|---|")
     for a_arg, b_arg in zip(args[::2], args[1::2]):
         (a, ra), (b, rb) = load(a_arg, babi_dir), load(b_arg, babi_dir)
-        if ra.keys() != rb.keys():
-            sys.exit(f"{a} and {b} scored different questions; evaluate both on the same config")
+        if common:
+            shared = ra.keys() & rb.keys()
+            if not shared:
+                sys.exit(f"{a} and {b} share no question")
+            ra, rb = ({q: r[q] for q in shared} for r in (ra, rb))
+        elif ra.keys() != rb.keys():
+            sys.exit(f"{a} and {b} scored different questions; evaluate both on the same config, or pass --common")
         only_a = sum(ra[q] and not rb[q] for q in ra)
         only_b = sum(rb[q] and not ra[q] for q in ra)
         both = sum(ra[q] and rb[q] for q in ra)
         low, high, p = story_stats(ra, rb)
-        print(f"| {a} | {b} | {sum(ra.values())} / {sum(rb.values())} | {only_a} / {only_b} / {both} | "
+        print(f"| {a} | {b} | {len(ra)} | {sum(ra.values())} / {sum(rb.values())} | {only_a} / {only_b} / {both} | "
               f"{mcnemar_p(only_a, only_b):.3g} | {low:+.1f} to {high:+.1f} | {p:.3g} |")
 
 
