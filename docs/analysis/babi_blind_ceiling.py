@@ -24,7 +24,8 @@ from gmem_jax.tasks.babi import BabiTask
 
 
 def blind_scores(questions: list, train_questions: list) -> dict:
-    """{'ceiling', 'prior'}: exact matches of the two story-blind rules on `questions`, plus the answer counts."""
+    """{'ceiling', 'prior'}: exact matches of the two story-blind rules on `questions`; 'answers': the answer
+    counts; 'by_text': {question text: its answer counts}."""
     by_text = collections.defaultdict(collections.Counter)
     for q in questions:
         by_text[q.question][q.answer] += 1

@@ -7,8 +7,8 @@ BABI_DIR is the bAbI en-10k folder (../shared/data/babi/en-10k), for the gold an
 pairs (A, B); each is a `python -m gmem_jax.evaluate` output directory (its eval_results.json)
 and the system to read from it (default: `memory`, else `no_memory` for a twin scored alone). Both must hold the
 same questions, unless --common is given: then each pair is scored on the questions both hold (e.g. the first 500
-of a run evaluated on 1,000 against one evaluated on 500; the table's "n" says how many). Per pair: each system's exact-match count, the questions only A / only B / both got right, and the
-exact two-sided McNemar p-value (a binomial test on the questions where the two disagree): the chance of a split at
+of a run evaluated on 1,000 against one evaluated on 500; the table's "n" says how many). Per pair: each system's
+exact-match count, the questions only A / only B / both got right, and the exact two-sided McNemar p-value (a binomial test on the questions where the two disagree): the chance of a split at
 least this uneven if both systems were equally good on these questions. With 100 questions, a 16-point gap can be
 anything from certain to noise depending on how many questions the two systems share.
 
@@ -65,7 +65,8 @@ def story_stats(ra: dict, rb: dict, draws: int = 10_000) -> tuple[float, float, 
         per_story.setdefault(key, [0, 0])
         per_story[key][0] += int(ra[q]) - int(rb[q])
         per_story[key][1] += 1
-    diff, count = (np.array(v, float) for v in zip(*per_story.values()))
+    # stories in sorted order, so the seeded draws do not depend on the order the questions came in
+    diff, count = (np.array(v, float) for v in zip(*(per_story[k] for k in sorted(per_story))))
     rng = np.random.default_rng(0)
     pick = rng.integers(0, len(diff), (draws, len(diff)))
     boot = 100 * diff[pick].sum(1) / count[pick].sum(1)
