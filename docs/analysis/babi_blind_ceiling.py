@@ -61,9 +61,8 @@ def main():
         print(f"| {n} | {s['ceiling']} ({100 * s['ceiling'] / n:.1f}%) | {s['prior']} ({100 * s['prior'] / n:.1f}%) "
               f"| {top} {top_n} ({100 * top_n / n:.1f}%) | {per_text} |")
     if out is not None:
-        questions = test[:limits[-1]]
-        best = {t: c.most_common(1)[0][0] for t, c in blind_scores(questions, train)["by_text"].items()}
-        preds = {f"qa{task}-test-{q.story}-{q.line}": {"answer": best[q.question]} for q in questions}
+        best = {t: c.most_common(1)[0][0] for t, c in s["by_text"].items()}  # s: the loop's last N
+        preds = {f"qa{task}-test-{q.story}-{q.line}": {"answer": best[q.question]} for q in test[:limits[-1]]}
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval_results.json").write_text(json.dumps({"predictions": {"story_blind_ceiling": preds}}, indent=1))
         print(f"wrote {len(preds)} predictions to {out / 'eval_results.json'}")
